@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# SpecThink edge (llama.cpp on CPU). Build from the repository root:
+#   docker build -f docker/edge.Dockerfile -t specthink-edge .
+# The GGUF model is NOT baked in: mount a models folder at /models (SPECTHINK_MODELS_DIR).
+#
+# Stage 1 compiles llama-cpp-python (and builds every wheel the edge needs) with a toolchain;
+# stage 2 installs those wheels into a slim image without compilers.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.16
+# GGML_NATIVE=OFF: portable binary, not tuned to the build machine's CPU.
+ARG CMAKE_ARGS="-DGGML_NATIVE=OFF"
+ENV CMAKE_ARGS=${CMAKE_ARGS} \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake git \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shared/ shared/
+COPY edge/ edge/
+RUN pip wheel --wheel-dir /wheels \
+      "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" ".[edge]"
+
+FROM ${PYTHON_IMAGE}
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.16
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SPECTHINK_MODELS_DIR=/models \
+    HOME=/home/specthink
+# libgomp1: llama.cpp's OpenMP runtime.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /wheels /wheels
+RUN pip install --no-index --find-links /wheels \
+      "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" "specthink[edge]" \
+ && rm -rf /wheels \
+ && python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+
+RUN groupadd --gid 10001 specthink \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/specthink --create-home \
+      --shell /usr/sbin/nologin specthink \
+ && mkdir -p /models
+VOLUME ["/models"]
+WORKDIR /home/specthink
+USER 10001:10001
+
+# Usage: docker run --rm -v "$PWD/models:/models:ro" -e SPECTHINK_CLOUD=host:50051 \
+#          -e SPECTHINK_API_KEY=... specthink-edge ask "What is 17*23?"
+ENTRYPOINT ["specthink-edge"]
+CMD ["--help"]

@@ -1,0 +1,442 @@
+"""The session loop: the small model drafts, the policy decides at each break, the cloud writes.
+
+It knows two interfaces only, a `Drafter` (the small model) and a `CloudTransport` (one
+streaming takeover call), so tests script both and production plugs in llama.cpp and gRPC.
+Text is the truth: the loop holds the answer as a string, the drafter re-tokenizes it
+after every takeover, and the cloud gets a delta against the text it confirmed, or the
+full text when it holds nothing (or something else: FAILED_PRECONDITION).
+
+The phases, as `SpeculativeSession.run` calls them:
+  open       -> the policy decides who writes the opening (the cloud in non-reasoning mode)
+  draft      -> the small model writes until a paragraph break, streaming
+  look ahead -> at a break it drafts a short probe of the next paragraph (reasoning mode)
+  decide     -> shared.policy keeps the probe or hands the pen to the large model
+  hand over  -> one streaming call; the cloud writes n1 (+ n2 when it verifies) tokens
+  fall back  -> if the cloud fails, the small model writes what the cloud did not
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from shared import errors, policy
+from shared.policy import Decision, PolicyConfig, PolicyState, Rule, Writer
+from shared.wire import (
+    FINISH_CONTEXT_FULL,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FullText,
+    Message,
+    Sampling,
+    TakeoverCall,
+    TakeoverDone,
+    TextChunk,
+    TextDelta,
+    WriteSpec,
+    text_digest,
+)
+
+STRATEGIES = ("speculative", "edge", "cloud")
+CLOUD_ONLY_CHUNK_TOKENS = 256  # cloud strategy: tokens per call, so a failure loses little
+
+
+# ---- the two interfaces ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DraftToken:
+    """One token written by the small model: its text (may be "" while a multi-byte
+    character is incomplete), or the end of its writing (`finish` = "stop" at end of
+    sequence, "context_full" when its context window is full)."""
+
+    text: str
+    finish: str | None = None
+
+
+class Drafter(Protocol):
+    def draft(
+        self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
+    ) -> Iterator[DraftToken]:
+        """Continue the assistant `text` after `messages`; one item per token.
+
+        The caller may stop early by closing the iterator; the next call re-tokenizes."""
+        ...
+
+
+class CloudTransport(Protocol):
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+        """One streaming takeover. Raises shared.errors.SpecThinkError subclasses."""
+        ...
+
+
+# ---- the result -----------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    source: str  # "edge" | "cloud"
+    text: str
+    tokens: int
+    reason: str
+
+
+@dataclass
+class Stats:
+    edge_tokens: int = 0
+    cloud_tokens: int = 0
+    takeovers: int = 0
+    wall_s: float = 0.0
+    ttft_s: float = 0.0
+    fallback: bool = False
+    cloud_cached_tokens: int = 0
+    cloud_prefill_tokens: int = 0
+    # beyond the contract
+    fallbacks: int = 0
+    cloud_calls: int = 0
+    full_text_resends: int = 0
+    probe_tokens_discarded: int = 0
+    cloud_wait_s: float = 0.0
+    edge_draft_s: float = 0.0
+    cloud_first_chunk_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    segments: list[Segment]
+    stats: Stats
+    notices: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        stats = asdict(self.stats)
+        stats["wall_s"] = round(stats["wall_s"], 4)
+        stats["ttft_s"] = round(stats["ttft_s"], 4)
+        stats["cloud_wait_s"] = round(stats["cloud_wait_s"], 4)
+        stats["edge_draft_s"] = round(stats["edge_draft_s"], 4)
+        stats["cloud_first_chunk_s"] = [round(x, 4) for x in stats["cloud_first_chunk_s"]]
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "segments": [asdict(s) for s in self.segments],
+            "stats": stats,
+            "notices": self.notices,
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the loop reports as it goes (the CLI renders these; --jsonl prints them)."""
+
+    kind: str  # "segment" | "text" | "takeover" | "fallback" | "done"
+    data: dict[str, Any]
+
+
+EventSink = Callable[[Event], None]
+
+
+class CloudRefused(Exception):
+    """The cloud refused for a reason retrying cannot fix (auth, invalid request).
+    The answer written so far rides along so that nothing is lost."""
+
+    def __init__(self, error: errors.SpecThinkError, answer: Answer) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.answer = answer
+
+
+# ---- the cloud side of a session: deltas against a confirmed base ---------------------
+
+
+class CloudSession:
+    """Builds each call as a delta against the text the cloud confirmed, or as full text.
+
+    A delta the cloud cannot apply (restart, eviction, another replica) is answered with
+    FAILED_PRECONDITION; the call is then sent again with the full text, before any of its
+    output was received, so a cloud restart costs time and never text."""
+
+    def __init__(self, transport: CloudTransport, session_id: str) -> None:
+        self.transport = transport
+        self.session_id = session_id
+        self._base: str | None = None  # the assistant text the cloud confirmed holding
+        self._messages: tuple[Message, ...] | None = None
+        self.full_text_resends = 0
+        self.calls = 0
+
+    def forget(self) -> None:
+        self._base = None
+
+    def _text(self, messages: tuple[Message, ...], text: str) -> FullText | TextDelta:
+        if self._base is not None and self._messages == messages and text.startswith(self._base):
+            length, digest = text_digest(self._base)
+            return TextDelta(length, digest, text[len(self._base) :])
+        return FullText(messages, text)
+
+    def takeover(
+        self, messages: Sequence[Message], text: str, sampling: Sampling, write: WriteSpec
+    ) -> Iterator[TextChunk | TakeoverDone]:
+        msgs = tuple(messages)
+        body = self._text(msgs, text)
+        received = ""
+        for attempt in range(2):
+            call = TakeoverCall(self.session_id, body, sampling, write)
+            self.calls += 1
+            try:
+                for event in self.transport.takeover(call):
+                    if isinstance(event, TextChunk):
+                        received += event.text
+                    else:
+                        self._confirm(msgs, text + received, event)
+                    yield event
+                return
+            except errors.BaseMismatch:
+                if attempt or isinstance(body, FullText) or received:
+                    raise
+                self.full_text_resends += 1
+                body = FullText(msgs, text)
+
+    def _confirm(self, messages: tuple[Message, ...], text: str, done: TakeoverDone) -> None:
+        if text_digest(text) == (done.committed_length, done.committed_sha256):
+            self._base, self._messages = text, messages
+        else:  # the cloud holds something else: next call sends everything
+            self._base = None
+
+
+# ---- the loop -------------------------------------------------------------------------
+
+
+@dataclass
+class SessionOptions:
+    strategy: str = "speculative"
+    max_tokens: int = 2048
+    sampling: Sampling = field(default_factory=Sampling)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+class SpeculativeSession:
+    """One answer: run() drives draft / look ahead / decide / hand over until the end."""
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        cloud: CloudSession | None,
+        options: SessionOptions,
+        sink: EventSink | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if options.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {options.strategy!r}")
+        if options.strategy != "edge" and cloud is None:
+            raise ValueError(f"strategy {options.strategy!r} needs a cloud")
+        self.drafter = drafter
+        self.cloud = cloud
+        self.options = options
+        self.sink = sink or (lambda event: None)
+        self.clock = clock
+        self.state = PolicyState.initial(options.policy)
+        self.text = ""
+        self.segments: list[Segment] = []
+        self.stats = Stats()
+        self.notices: list[str] = []
+        self.finish: str | None = None
+        self._messages: tuple[Message, ...] = ()
+        self._t0 = 0.0
+
+    # -- bookkeeping --
+
+    @property
+    def remaining(self) -> int:
+        return self.options.max_tokens - self.stats.edge_tokens - self.stats.cloud_tokens
+
+    def _open_segment(self, source: str, reason: str) -> Segment:
+        segment = Segment(source, "", 0, reason)
+        self.segments.append(segment)
+        self.sink(Event("segment", {"source": source, "reason": reason}))
+        return segment
+
+    def _write(self, segment: Segment, text: str, tokens: int) -> None:
+        if text and not self.stats.ttft_s:
+            self.stats.ttft_s = self.clock() - self._t0
+        segment.text += text
+        segment.tokens += tokens
+        self.text += text
+        if segment.source == "edge":
+            self.stats.edge_tokens += tokens
+        else:
+            self.stats.cloud_tokens += tokens
+        if text:
+            self.sink(Event("text", {"source": segment.source, "text": text}))
+
+    def _notice(self, kind: str, message: str, **data: Any) -> None:
+        self.notices.append(message)
+        self.sink(Event(kind, {"message": message, **data}))
+
+    def _answer(self) -> Answer:
+        self.segments = [s for s in self.segments if s.text or s.tokens]
+        self.stats.wall_s = self.clock() - self._t0
+        if self.cloud is not None:
+            self.stats.cloud_calls = self.cloud.calls
+            self.stats.full_text_resends = self.cloud.full_text_resends
+        return Answer(self.text, self.finish or FINISH_LENGTH, self.segments, self.stats, self.notices)
+
+    # -- the phases --
+
+    def run(self, messages: Sequence[Message]) -> Answer:
+        self._messages = tuple(messages)
+        self._t0 = self.clock()
+        try:
+            if self.options.strategy == "edge":
+                self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=False)
+            elif self.options.strategy == "cloud":
+                self._cloud_writes_everything()
+            else:
+                self._speculate()
+        except errors.SpecThinkError as exc:
+            raise CloudRefused(exc, self._answer()) from exc
+        if self.finish is None:
+            self.finish = FINISH_LENGTH
+        answer = self._answer()
+        self.sink(Event("done", answer.to_json()))
+        return answer
+
+    def _speculate(self) -> None:
+        opening = policy.decide_start(self.options.policy)
+        if opening.writer is Writer.CLOUD:
+            self._hand_over(opening)
+        while self.finish is None and self.remaining > 0:
+            if not self.text or not policy.ends_paragraph(self.text):
+                self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=True)
+                continue
+            self._at_break()
+
+    def _at_break(self) -> None:
+        """Look ahead, decide, and either keep the probe or hand over."""
+        config = self.options.policy
+        probe: list[DraftToken] = []
+        if policy.needs_probe(config, self.state):
+            probe = self._look_ahead(min(config.probe_tokens, self.remaining))
+        probe_text = "".join(t.text for t in probe)
+        decision = policy.decide_at_break(config, self.state, probe_text)
+        if decision.writer is Writer.EDGE:
+            segment = self._open_segment("edge", decision.reason)
+            self._write(segment, probe_text, sum(1 for t in probe if t.finish is None))
+            # a drafter that writes nothing more has ended, whether or not it said so
+            self.finish = next((t.finish for t in probe if t.finish), None if probe else FINISH_STOP)
+            if self.finish is None and not policy.ends_paragraph(self.text):
+                self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=True, segment=segment)
+            return
+        self.stats.probe_tokens_discarded += sum(1 for t in probe if t.finish is None)
+        self._hand_over(decision)
+
+    def _draft(
+        self, budget: int, rule: Rule, stop_at_break: bool, segment: Segment | None = None
+    ) -> None:
+        """The small model writes (streaming) until a break, its end, or the budget."""
+        segment = segment or self._open_segment("edge", str(rule))
+        started = self.clock()
+        written = 0
+        tokens = self.drafter.draft(self._messages, self.text, budget, self.options.sampling)
+        with contextlib.closing(tokens):
+            for token in tokens:
+                if token.finish:
+                    self.finish = token.finish
+                    break
+                self._write(segment, token.text, 1)
+                written += 1
+                if stop_at_break and policy.ends_paragraph(self.text):
+                    break
+        self.stats.edge_draft_s += self.clock() - started
+        if self.finish is None and (self.remaining <= 0 or written == 0):
+            # out of budget, or a drafter that writes nothing more has ended
+            self.finish = FINISH_LENGTH if self.remaining <= 0 else FINISH_STOP
+
+    def _look_ahead(self, budget: int) -> list[DraftToken]:
+        """Draft a probe of the next paragraph, not shown until the policy keeps it."""
+        probe: list[DraftToken] = []
+        started = self.clock()
+        tokens = self.drafter.draft(self._messages, self.text, budget, self.options.sampling)
+        with contextlib.closing(tokens):
+            text = ""
+            for token in tokens:
+                probe.append(token)
+                text += token.text
+                if token.finish or policy.ends_paragraph(text):
+                    break
+        self.stats.edge_draft_s += self.clock() - started
+        return probe
+
+    def _hand_over(self, decision: Decision) -> None:
+        """One call: the cloud writes decision.tokens (+ its verification continuation)."""
+        assert self.cloud is not None
+        budget = min(decision.tokens, self.remaining)
+        write = WriteSpec(
+            max_tokens=budget,
+            preamble=decision.preamble,
+            continue_if=decision.continue_if,
+            continue_tokens=max(0, min(decision.continue_tokens, self.remaining - budget)),
+        )
+        self.sink(Event("takeover", {"reason": decision.reason, "tokens": budget}))
+        segment = self._open_segment("cloud", decision.reason)
+        started = self.clock()
+        text_before = self.text
+        first_chunk = True
+        try:
+            for event in self.cloud.takeover(self._messages, self.text, self.options.sampling, write):
+                if isinstance(event, TextChunk):
+                    if first_chunk:
+                        self.stats.cloud_first_chunk_s.append(self.clock() - started)
+                        first_chunk = False
+                    self._write(segment, event.text, event.tokens)
+                else:
+                    self._cloud_done(segment, event)
+        except (errors.Unauthenticated, errors.InvalidRequest):
+            raise
+        except errors.SpecThinkError as exc:
+            self._fall_back(decision, segment, budget + write.continue_tokens, exc)
+        finally:
+            self.stats.cloud_wait_s += self.clock() - started
+            self.stats.takeovers += 1
+            self.state = policy.after_takeover(
+                self.options.policy, self.state, decision, self.text[len(text_before) :]
+            )
+
+    def _cloud_done(self, segment: Segment, done: TakeoverDone) -> None:
+        self.stats.cloud_cached_tokens += done.usage.cached_tokens
+        self.stats.cloud_prefill_tokens += done.usage.prefilled_tokens
+        if done.continued_on:
+            segment.reason += f"+verification:{done.continued_on}"
+        if done.finish_reason == FINISH_STOP:
+            self.finish = FINISH_STOP
+        elif done.finish_reason == FINISH_CONTEXT_FULL:
+            self.finish = FINISH_CONTEXT_FULL
+        elif self.remaining <= 0:
+            self.finish = FINISH_LENGTH
+
+    def _fall_back(
+        self, decision: Decision, segment: Segment, planned: int, exc: errors.SpecThinkError
+    ) -> None:
+        """The cloud failed: keep what it sent, and the small model writes the rest."""
+        self.stats.fallback = True
+        self.stats.fallbacks += 1
+        kind = type(exc).__name__
+        self._notice(
+            "fallback",
+            f"cloud {kind} during {decision.reason} ({exc.message}); writing locally",
+            error=kind,
+        )
+        if self.cloud is not None:
+            self.cloud.forget()
+        rest = min(planned - segment.tokens, self.remaining)
+        if rest > 0 and self.finish is None:
+            local = self._open_segment("edge", f"fallback:{kind}:{decision.reason}")
+            self._draft(rest, Rule.EDGE_DRAFT, stop_at_break=False, segment=local)
+
+    def _cloud_writes_everything(self) -> None:
+        """The cloud-only baseline: the large model writes the whole answer."""
+        while self.finish is None and self.remaining > 0:
+            tokens = min(CLOUD_ONLY_CHUNK_TOKENS, self.remaining)
+            self._hand_over(Decision(Writer.CLOUD, Rule.CLOUD_ONLY, None, tokens))

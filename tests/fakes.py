@@ -1,0 +1,93 @@
+"""Scripted stand-ins for exactly the interfaces the loop and the servicer call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from shared import errors
+from shared.wire import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FullText,
+    Message,
+    Sampling,
+    TakeoverCall,
+    TakeoverDone,
+    TextChunk,
+    Timings,
+    Usage,
+    text_digest,
+)
+from edge.session import DraftToken
+
+
+@dataclass
+class ScriptedDrafter:
+    """Writes tokens from a script, in order, whatever the text (like a sampler would)."""
+
+    tokens: list[str]
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    end_when_empty: bool = True
+
+    def draft(
+        self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
+    ) -> Iterator[DraftToken]:
+        self.calls.append((text, max_tokens))
+        for _ in range(max_tokens):
+            if not self.tokens:
+                if self.end_when_empty:
+                    yield DraftToken("", finish=FINISH_STOP)
+                return
+            yield DraftToken(self.tokens.pop(0))
+
+
+@dataclass
+class ScriptedCloud:
+    """A cloud transport that keeps the committed text per session like the real one,
+    checks delta bases, and writes scripted replies (one list of tokens per call)."""
+
+    replies: list[list[str]]
+    end_of_sequence_on_last: bool = False
+    calls: list[TakeoverCall] = field(default_factory=list)
+    committed: dict[str, str] = field(default_factory=dict)
+    fail_with: list[errors.SpecThinkError | None] = field(default_factory=list)
+    fail_after_tokens: int | None = None
+
+    def restart(self) -> None:
+        self.committed.clear()
+
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+        self.calls.append(call)
+        failure = self.fail_with.pop(0) if self.fail_with else None
+        if failure is not None:
+            raise failure
+        if isinstance(call.text, FullText):
+            text = call.text.assistant_text
+        else:
+            held = self.committed.get(call.session_id)
+            if held is None or text_digest(held) != (call.text.base_length, call.text.base_sha256):
+                raise errors.BaseMismatch("base does not match")
+            text = held + call.text.append
+        reply = self.replies.pop(0) if self.replies else ["."]
+        written = call.write.preamble
+        if call.write.preamble:
+            yield TextChunk(call.write.preamble, 0)
+        for i, token in enumerate(reply[: call.write.max_tokens]):
+            if self.fail_after_tokens is not None and i == self.fail_after_tokens:
+                self.fail_after_tokens = None
+                raise errors.Unavailable("connection reset")
+            written += token
+            yield TextChunk(token, 1)
+        self.committed[call.session_id] = text + written
+        n = min(len(reply), call.write.max_tokens)
+        eos = self.end_of_sequence_on_last and not self.replies
+        yield TakeoverDone(
+            finish_reason=FINISH_STOP if eos else FINISH_LENGTH,
+            usage=Usage(prompt_tokens=len(text), cached_tokens=0, prefilled_tokens=len(text),
+                        generated_tokens=n),
+            timings=Timings(),
+            continued_on=None,
+            committed_length=text_digest(text + written)[0],
+            committed_sha256=text_digest(text + written)[1],
+        )

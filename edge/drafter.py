@@ -1,0 +1,191 @@
+"""The small model on the edge: llama.cpp through llama-cpp-python (the only module importing it).
+
+`LlamaDrafter.draft` continues the assistant's text. Text is the truth: every call renders
+the conversation with the model's chat template, appends the assistant text and
+re-tokenizes it; llama.cpp's KV cache is re-used for the longest common token prefix, so
+after a takeover only the tokens past that prefix are evaluated (`evaluated_prompt_tokens`
+counts them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.session import DraftToken
+from shared.prompting import plain_prompt
+from shared.wire import FINISH_CONTEXT_FULL, FINISH_STOP, Message, Sampling
+
+GGUF_MAGIC = b"GGUF"
+
+
+class DrafterError(Exception):
+    """The model cannot be used; the message is one line for the CLI."""
+
+
+@dataclass
+class DraftCounters:
+    calls: int = 0
+    prompt_tokens: int = 0  # tokens of the rendered prompt, over all calls
+    evaluated_prompt_tokens: int = 0  # of those, evaluated (not found in the KV cache)
+    generated_tokens: int = 0
+    last_evaluated: int = 0  # evaluated prompt tokens of the latest call
+
+
+def check_gguf(path: Path) -> None:
+    """A one-line error for a missing file or one that is not GGUF, before llama.cpp."""
+    if not path.exists():
+        raise DrafterError(f"model file not found: {path}")
+    if not path.is_file():
+        raise DrafterError(f"model path is not a file: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise DrafterError(f"not a GGUF model file: {path}")
+
+
+def default_threads() -> int:
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // 2) if cpus > 4 else cpus
+
+
+class LlamaDrafter:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        context_length: int = 8192,
+        gpu_layers: int = 0,
+        threads: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        path = Path(model_path).expanduser()
+        check_gguf(path)
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise DrafterError(
+                "the edge runtime is not installed: pip install 'specthink[edge]'"
+            ) from None
+        drafter = self
+
+        class _CountingLlama(Llama):  # type: ignore[misc]
+            def eval(self, tokens: Sequence[int]) -> None:
+                drafter._on_eval(len(tokens))
+                super().eval(tokens)
+
+        try:
+            self.llm = _CountingLlama(
+                model_path=str(path),
+                n_ctx=context_length,
+                n_gpu_layers=gpu_layers,
+                n_threads=threads or default_threads(),
+                seed=seed if seed is not None else 0xFFFFFFFF,
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp says little more than "failed to load"
+            raise DrafterError(f"llama.cpp could not load {path}: {exc}") from None
+        self.path = path
+        self.counters = DraftCounters()
+        self._first_eval_pending = False
+        self._template = self._chat_template()
+        self.n_ctx = self.llm.n_ctx()
+
+    # -- prompt --
+
+    def _chat_template(self) -> Any | None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = self.llm._model
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(model.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
+        )
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def render(self, messages: Sequence[Message]) -> str:
+        if self._template is None:
+            return plain_prompt(messages)
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return str(self._template(messages=chat).prompt)
+
+    def tokenize(self, messages: Sequence[Message], text: str) -> list[int]:
+        prompt = self.render(messages)
+        model = self.llm._model
+        bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
+        add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
+        return list(self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=add_bos, special=True))
+
+    # -- drafting --
+
+    def _on_eval(self, n: int) -> None:
+        if self._first_eval_pending:
+            self._first_eval_pending = False
+            self.counters.evaluated_prompt_tokens += n
+            self.counters.last_evaluated = n
+
+    def draft(
+        self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
+    ) -> Iterator[DraftToken]:
+        import llama_cpp
+
+        tokens = self.tokenize(messages, text)
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            yield DraftToken("", finish=FINISH_CONTEXT_FULL)
+            return
+        self.counters.calls += 1
+        self.counters.prompt_tokens += len(tokens)
+        self.counters.last_evaluated = 0
+        self._first_eval_pending = True
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed + self.counters.calls)
+        greedy = sampling.temperature <= 0
+        vocab = self.llm._model.vocab
+        pending = b""
+        generator = self.llm.generate(
+            tokens,
+            temp=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=1 if greedy else (sampling.top_k or 0),
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        try:
+            for written, token in enumerate(generator):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    yield DraftToken("", finish=FINISH_STOP)
+                    return
+                self.counters.generated_tokens += 1
+                pending += self.llm.detokenize([token], special=False)
+                piece = _decode_complete(pending)
+                if piece is not None:
+                    pending = b""
+                yield DraftToken(piece or "")
+                if written + 1 >= max_tokens:
+                    return
+                if written + 1 >= room:
+                    yield DraftToken("", finish=FINISH_CONTEXT_FULL)
+                    return
+        finally:
+            generator.close()
+
+
+def _decode_complete(data: bytes) -> str | None:
+    """The text of `data` if it holds only whole UTF-8 characters, else None (wait)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.end == len(data) and len(data) - exc.start < 4:
+            return None  # an incomplete multi-byte character at the end
+        return data.decode("utf-8", errors="replace")

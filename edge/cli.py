@@ -207,6 +207,7 @@ def ask(
     threads: ThreadsOpt = None,
     hide_thinking: Annotated[bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds at the end.")] = False,
+    prefill_every: Annotated[int, typer.Option("--prefill-every", help="Push the edge's text to the cloud every N drafted tokens (0 = off) so takeovers find a warm cache.", min=0)] = 0,
 ) -> None:
     """Answer PROMPT with the small model, handing reflective steps to the cloud."""
     from edge.render import JsonLinesRenderer, Quiet, TextRenderer
@@ -233,6 +234,7 @@ def ask(
         strategy=run_strategy, max_tokens=cfg.max_tokens, policy=policy,
         sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           seed=cfg.seed),
+        prefill_every=prefill_every,
     )
     loop = SpeculativeSession(drafter, cloud_session, options, sink=sink)  # type: ignore[arg-type]
     with interruptible(transport):
@@ -253,6 +255,106 @@ def ask(
         notice(f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally")
     if verbose:
         _print_speeds(answer, drafter)
+
+
+# ---- eval ------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    dataset: Annotated[Path, typer.Argument(help="JSONL of problems (MATH-500, AIME 2024 ...).")],
+    cloud: CloudOpt = None,
+    model: ModelOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="First N problems.", min=1)] = None,
+    levels: Annotated[str | None, typer.Option("--levels", help="MATH levels, e.g. 1,2.")] = None,
+    strategies: Annotated[str, typer.Option("--strategy", help="Comma-separated strategies.")] = "speculative,edge,cloud",
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    seed: SeedOpt = None,
+    mode: ModeOpt = None,
+    policy_file: PolicyOpt = None,
+    knobs: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Results folder (default eval-results/DATASET).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard earlier results in --out.")] = False,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run DATASET under each strategy: accuracy, tokens, measured speed; table, JSON, PNG.
+
+    Results are appended per problem to OUT/results.jsonl: an interrupted run resumes."""
+    from datetime import date
+
+    from edge import evaluate
+    from edge.session import CloudSession, SessionOptions, SpeculativeSession
+    from shared.wire import Message, Sampling
+
+    wanted = [s.strip() for s in strategies.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in ("speculative", "edge", "cloud")]
+    if not wanted or unknown:
+        fail(f"--strategy takes speculative, edge and/or cloud, not {', '.join(unknown) or 'nothing'}")
+    try:
+        level_set = {int(x) for x in levels.split(",")} if levels else None
+        problems = evaluate.load_problems(dataset, level_set, limit)
+    except ValueError:
+        fail(f"--levels takes comma-separated integers, not {levels!r}")
+    except evaluate.EvalError as exc:
+        fail(str(exc))
+    cfg = settings(model=model, cloud=cloud, max_tokens=max_tokens, temperature=temperature,
+                   seed=seed, mode=mode, policy_file=str(policy_file) if policy_file else None,
+                   gpu_layers=gpu_layers, threads=threads)
+    policy = policy_config(cfg, knobs)
+    needs_cloud = any(s != "edge" for s in wanted)
+    if needs_cloud and not cfg.cloud:
+        fail("strategies speculative and cloud need a cloud: pass --cloud HOST:PORT")
+    transport, _ = connect_cloud(cfg, "speculative", local_only=not needs_cloud)
+    drafter = load_drafter(cfg) if any(s != "cloud" for s in wanted) else None
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        seed=cfg.seed)
+
+    def answer_fn(prompt: str, strategy: str) -> dict[str, Any]:
+        session_id = uuid.uuid4().hex
+        cloud_session = CloudSession(transport, session_id) if strategy != "edge" else None
+        options = SessionOptions(strategy=strategy, max_tokens=cfg.max_tokens,
+                                 sampling=sampling, policy=policy)
+        loop = SpeculativeSession(drafter, cloud_session, options)  # type: ignore[arg-type]
+        try:
+            return loop.run([Message("user", prompt)]).to_json()
+        finally:
+            if cloud_session is not None:
+                transport.end_session(session_id)
+
+    out_dir = out or Path("eval-results") / dataset.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "dataset": dataset.name, "levels": sorted(level_set) if level_set else None,
+        "limit": limit, "strategies": wanted, "max_tokens": cfg.max_tokens, "mode": cfg.mode,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+        "seed": cfg.seed, "edge_model": str(getattr(drafter, "path", "")),
+        "policy": {k: v for k, v in vars(policy).items() if k != "mode"},
+    }
+    rows: list[Any] = []
+    interrupted = False
+    try:
+        rows = evaluate.run_eval(problems, wanted, answer_fn, out_dir / "results.jsonl",
+                                 progress=sys.stderr.isatty(), run_config=run_config,
+                                 restart=restart)
+    except evaluate.EvalInterrupted as stop:
+        rows, interrupted = stop.rows, True
+    except evaluate.EvalError as exc:
+        fail(str(exc))
+    finally:
+        if transport is not None:
+            transport.close()
+    summaries = evaluate.summarize(rows)
+    typer.echo(evaluate.format_table(summaries))
+    evaluate.write_report(summaries, rows, out_dir / "report.json", run_config=run_config)
+    evaluate.plot(summaries, out_dir / "tradeoff.png", dataset=dataset.stem,
+                  date=date.today().isoformat())
+    notice(f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
+           f"{out_dir / 'results.jsonl'}")
+    if interrupted:
+        notice("interrupted: run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _print_json(result: dict[str, Any], strategy: str, drafter: Any) -> None:

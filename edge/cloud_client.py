@@ -21,7 +21,16 @@ import grpc
 from shared import errors
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
-from shared.wire import TakeoverCall, TakeoverDone, TextChunk, call_to_pb, event_from_pb
+from shared.wire import (
+    FullText,
+    TakeoverCall,
+    TakeoverDone,
+    TextChunk,
+    TextDelta,
+    call_to_pb,
+    event_from_pb,
+    prefill_to_pb,
+)
 
 SESSION_HEADER = "x-session-id"
 
@@ -152,6 +161,19 @@ class GrpcCloud:
                                  metadata=self._metadata(session_id), timeout=2.0)
         except grpc.RpcError:
             pass  # best effort: the cloud forgets idle sessions anyway
+
+    def prefill(self, session_id: str, text: FullText | TextDelta) -> tuple[int, str]:
+        """Warm the cloud's cache for the session; no retries (it is only an optimisation)."""
+        if not self.breaker.allow():
+            raise errors.Unavailable("cloud circuit open")
+        try:
+            self._connect()
+            reply = self.stub.Prefill(prefill_to_pb(session_id, text),
+                                      metadata=self._metadata(session_id),
+                                      timeout=self.options.takeover_timeout_s)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc) from None
+        return reply.committed_length, reply.committed_sha256
 
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         """One takeover, retried with backoff while nothing has arrived yet."""

@@ -18,6 +18,7 @@ The phases, as `SpeculativeSession.run` calls them:
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,10 @@ class CloudTransport(Protocol):
         """One streaming takeover. Raises shared.errors.SpecThinkError subclasses."""
         ...
 
+    def prefill(self, session_id: str, text: FullText | TextDelta) -> tuple[int, str]:
+        """Push text without generating; returns the committed (length, sha256)."""
+        ...
+
 
 # ---- the result -----------------------------------------------------------------------
 
@@ -98,6 +103,7 @@ class Stats:
     fallbacks: int = 0
     cloud_calls: int = 0
     full_text_resends: int = 0
+    cloud_prefills: int = 0
     probe_tokens_discarded: int = 0
     cloud_wait_s: float = 0.0
     edge_draft_s: float = 0.0
@@ -166,9 +172,42 @@ class CloudSession:
         self._messages: tuple[Message, ...] | None = None
         self.full_text_resends = 0
         self.calls = 0
+        self.prefills = 0
+        self._prefill: threading.Thread | None = None
 
     def forget(self) -> None:
+        self._join_prefill()
         self._base = None
+
+    def prefill_async(self, messages: Sequence[Message], text: str) -> bool:
+        """Push `text` to the cloud in the background so that its KV cache is warm before
+        the next takeover (which waits for it first: one writer per session). Skipped
+        while one is in flight. Failures only cost the warm cache."""
+        if self._prefill is not None and self._prefill.is_alive():
+            return False
+        msgs = tuple(messages)
+        body = self._text(msgs, text)
+        if isinstance(body, TextDelta) and not body.append:
+            return False
+
+        def push() -> None:
+            try:
+                committed = self.transport.prefill(self.session_id, body)
+            except errors.SpecThinkError:
+                self._base = None
+                return
+            self._base = text if committed == text_digest(text) else None
+            self._messages = msgs
+
+        self.prefills += 1
+        self._prefill = threading.Thread(target=push, name="prefill-ahead", daemon=True)
+        self._prefill.start()
+        return True
+
+    def _join_prefill(self) -> None:
+        if self._prefill is not None:
+            self._prefill.join()
+            self._prefill = None
 
     def _text(self, messages: tuple[Message, ...], text: str) -> FullText | TextDelta:
         if self._base is not None and self._messages == messages and text.startswith(self._base):
@@ -179,6 +218,7 @@ class CloudSession:
     def takeover(
         self, messages: Sequence[Message], text: str, sampling: Sampling, write: WriteSpec
     ) -> Iterator[TextChunk | TakeoverDone]:
+        self._join_prefill()
         msgs = tuple(messages)
         body = self._text(msgs, text)
         received = ""
@@ -215,6 +255,9 @@ class SessionOptions:
     max_tokens: int = 2048
     sampling: Sampling = field(default_factory=Sampling)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # push the edge's new text to the cloud every this many drafted tokens (0 = never),
+    # so the next takeover finds its KV cache warm (the Prefill RPC, in the background)
+    prefill_every: int = 0
 
 
 class SpeculativeSession:
@@ -279,8 +322,10 @@ class SpeculativeSession:
         self.segments = [s for s in self.segments if s.text or s.tokens]
         self.stats.wall_s = self.clock() - self._t0
         if self.cloud is not None:
+            self.cloud.forget()  # joins a prefill still in flight
             self.stats.cloud_calls = self.cloud.calls
             self.stats.full_text_resends = self.cloud.full_text_resends
+            self.stats.cloud_prefills = self.cloud.prefills
         return Answer(self.text, self.finish or FINISH_LENGTH, self.segments, self.stats, self.notices)
 
     # -- the phases --
@@ -349,10 +394,17 @@ class SpeculativeSession:
                 written += 1
                 if stop_at_break and policy.ends_paragraph(self.text):
                     break
+                if self._prefill_due(written):
+                    self.cloud.prefill_async(self._messages, self.text)  # type: ignore[union-attr]
         self.stats.edge_draft_s += self.clock() - started
         if self.finish is None and (self.remaining <= 0 or written == 0):
             # out of budget, or a drafter that writes nothing more has ended
             self.finish = FINISH_LENGTH if self.remaining <= 0 else FINISH_STOP
+
+    def _prefill_due(self, written: int) -> bool:
+        every = self.options.prefill_every
+        return bool(every and self.cloud is not None and self.options.strategy == "speculative"
+                    and written % every == 0)
 
     def _look_ahead(self, budget: int) -> list[DraftToken]:
         """Draft a probe of the next paragraph, not shown until the policy keeps it."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from shared import errors
 from shared.wire import (
+    TextDelta,
     FINISH_LENGTH,
     FINISH_STOP,
     FullText,
@@ -57,18 +58,28 @@ class ScriptedCloud:
     def restart(self) -> None:
         self.committed.clear()
 
+    prefills: list[tuple[str, FullText | TextDelta]] = field(default_factory=list)
+
+    def _resolve(self, session_id: str, body: FullText | TextDelta) -> str:
+        if isinstance(body, FullText):
+            return body.assistant_text
+        held = self.committed.get(session_id)
+        if held is None or text_digest(held) != (body.base_length, body.base_sha256):
+            raise errors.BaseMismatch("base does not match")
+        return held + body.append
+
+    def prefill(self, session_id: str, body: FullText | TextDelta) -> tuple[int, str]:
+        self.prefills.append((session_id, body))
+        text = self._resolve(session_id, body)
+        self.committed[session_id] = text
+        return text_digest(text)
+
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         self.calls.append(call)
         failure = self.fail_with.pop(0) if self.fail_with else None
         if failure is not None:
             raise failure
-        if isinstance(call.text, FullText):
-            text = call.text.assistant_text
-        else:
-            held = self.committed.get(call.session_id)
-            if held is None or text_digest(held) != (call.text.base_length, call.text.base_sha256):
-                raise errors.BaseMismatch("base does not match")
-            text = held + call.text.append
+        text = self._resolve(call.session_id, call.text)
         reply = self.replies.pop(0) if self.replies else ["."]
         written = call.write.preamble
         if call.write.preamble:

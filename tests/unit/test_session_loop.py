@@ -192,3 +192,20 @@ def test_excessive_reflection_recap_is_written_by_the_cloud_with_its_preamble():
     assert recap.text == "Let me check whether there are some wrong steps: step 1"
     assert recap.tokens == 2  # the preamble is not counted as written tokens
     assert_consistent(answer)
+
+
+def test_prefill_ahead_warms_the_cloud_and_the_takeover_sends_only_the_rest():
+    drafter = ScriptedDrafter(["a", "b", "c", "d", "e", ".\n\n", "Wait\n\n"])
+    cloud = ScriptedCloud(replies=[["opening", " "], ["X"]], end_of_sequence_on_last=True)
+    session = CloudSession(cloud, "s1")
+    options = SessionOptions(max_tokens=100, prefill_every=2,
+                             policy=PolicyConfig(mode=Mode.NON_REASONING))
+    answer = SpeculativeSession(drafter, session, options).run(MESSAGES)
+    assert cloud.prefills, "the edge pushed its text ahead of the takeover"
+    assert answer.stats.cloud_prefills == len(cloud.prefills)
+    last = cloud.calls[-1]
+    assert isinstance(last.text, TextDelta)
+    # only what the edge wrote after the last prefill travels with the takeover
+    assert len(last.text.append) < len("abcde.\n\n")
+    assert answer.text == "opening abcde.\n\nX"
+    assert answer.stats.full_text_resends == 0

@@ -23,6 +23,7 @@ from edge.config import ConfigError, EffectiveConfig, config_app, resolve
 from edge.models import models_app
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_AUTH, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_CLOUD_UNREACHABLE = 5  # the answer was written, but by the edge alone
 
 app = typer.Typer(
     help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
@@ -47,17 +48,45 @@ def notice(message: str) -> None:
 
 # ---- shared options -------------------------------------------------------------------
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file of the small model.")]
-CloudOpt = Annotated[str | None, typer.Option("--cloud", help="Cloud address HOST:PORT (env SPECTHINK_CLOUD).")]
-MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Token budget of the answer (edge + cloud).")]
-TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="GGUF file of the small model.")
+]
+CloudOpt = Annotated[
+    str | None, typer.Option("--cloud", help="Cloud address HOST:PORT (env SPECTHINK_CLOUD).")
+]
+MaxTokensOpt = Annotated[
+    int | None, typer.Option("--max-tokens", help="Token budget of the answer (edge + cloud).")
+]
+TemperatureOpt = Annotated[
+    float | None, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
-ModeOpt = Annotated[str | None, typer.Option("--mode", help="reasoning or non-reasoning (a small model that never says 'Wait').")]
-StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="speculative, edge (never the cloud) or cloud (the large model writes all).")]
+ModeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mode", help="reasoning or non-reasoning (a small model that never says 'Wait')."
+    ),
+]
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--strategy",
+        help="speculative, edge (never the cloud) or cloud (the large model writes all).",
+    ),
+]
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="TOML file of policy knobs.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Policy knob KEY=VALUE, e.g. --set takeover_tokens=30 (repeatable).")]
-GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU/Metal (-1 = all).")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the small model.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Policy knob KEY=VALUE, e.g. --set takeover_tokens=30 (repeatable)."
+    ),
+]
+GpuOpt = Annotated[
+    int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU/Metal (-1 = all).")
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for the small model.")
+]
 
 
 def settings(**flags: Any) -> EffectiveConfig:
@@ -109,15 +138,22 @@ def load_drafter(cfg: EffectiveConfig) -> Any:
     else:
         model = _resolve_model_name(model)
     try:
-        return LlamaDrafter(model, context_length=cfg.context_length, gpu_layers=cfg.gpu_layers,
-                            threads=cfg.threads, seed=cfg.seed)
+        return LlamaDrafter(
+            model,
+            context_length=cfg.context_length,
+            gpu_layers=cfg.gpu_layers,
+            threads=cfg.threads,
+            seed=cfg.seed,
+        )
     except DrafterError as exc:
         fail(str(exc))
 
 
 def _resolve_model_name(model: str) -> str:
     """A path as given, or the name of a model in the local store."""
-    if Path(model).expanduser().exists() or model.endswith(".gguf") and "/" not in model.strip("./"):
+    if Path(model).expanduser().exists() or (
+        model.endswith(".gguf") and "/" not in model.strip("./")
+    ):
         return model
     from edge import models
 
@@ -140,8 +176,11 @@ def connect_cloud(cfg: EffectiveConfig, strategy: str, local_only: bool) -> tupl
 
     tls = bool(cfg.tls or cfg.tls_ca_file)
     options = ClientOptions(
-        address=cfg.cloud, api_key=cfg.api_key, connect_timeout_s=cfg.connect_timeout_s,
-        takeover_timeout_s=cfg.takeover_timeout_s, tls=tls,
+        address=cfg.cloud,
+        api_key=cfg.api_key,
+        connect_timeout_s=cfg.connect_timeout_s,
+        takeover_timeout_s=cfg.takeover_timeout_s,
+        tls=tls,
         tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
         tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
         tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
@@ -187,10 +226,14 @@ def interruptible(cloud: Any) -> Iterator[None]:
 
 @app.command()
 def ask(
-    prompt: Annotated[str | None, typer.Argument(help="The question; read from stdin when absent or '-'.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The question; read from stdin when absent or '-'.")
+    ] = None,
     model: ModelOpt = None,
     cloud: CloudOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object at the end.")
+    ] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON event per line.")] = False,
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
@@ -199,15 +242,35 @@ def ask(
     seed: SeedOpt = None,
     mode: ModeOpt = None,
     strategy: StrategyOpt = None,
-    local_only: Annotated[bool, typer.Option("--local-only", help="Never contact the cloud.")] = False,
+    local_only: Annotated[
+        bool, typer.Option("--local-only", help="Never contact the cloud.")
+    ] = False,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     policy_file: PolicyOpt = None,
     knobs: SetOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
-    hide_thinking: Annotated[bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds at the end.")] = False,
-    prefill_every: Annotated[int, typer.Option("--prefill-every", help="Push the edge's text to the cloud every N drafted tokens (0 = off) so takeovers find a warm cache.", min=0)] = 0,
+    hide_thinking: Annotated[
+        bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Timings and speeds at the end.")
+    ] = False,
+    mark: Annotated[
+        str,
+        typer.Option(
+            "--mark",
+            help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
+        ),
+    ] = "auto",
+    prefill_every: Annotated[
+        int,
+        typer.Option(
+            "--prefill-every",
+            help="Push the edge's text to the cloud every N drafted tokens (0 = off) so takeovers find a warm cache.",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Answer PROMPT with the small model, handing reflective steps to the cloud."""
     from edge.render import JsonLinesRenderer, Quiet, TextRenderer
@@ -217,23 +280,44 @@ def ask(
 
     if json_out and jsonl:
         fail("--json and --jsonl exclude each other")
-    cfg = settings(model=model, cloud=cloud, max_tokens=max_tokens, temperature=temperature,
-                   top_p=top_p, top_k=top_k, seed=seed, mode=mode, strategy=strategy,
-                   policy_file=str(policy_file) if policy_file else None,
-                   gpu_layers=gpu_layers, threads=threads)
+    if mark not in ("auto", "color", "brackets", "none"):
+        fail("--mark takes auto, color, brackets or none")
+    cfg = settings(
+        model=model,
+        cloud=cloud,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=mode,
+        strategy=strategy,
+        policy_file=str(policy_file) if policy_file else None,
+        gpu_layers=gpu_layers,
+        threads=threads,
+    )
     text = read_prompt(prompt)
     policy = policy_config(cfg, knobs)
+    cloud_only = cfg.strategy == "cloud" and bool(cfg.cloud) and not local_only
+    drafter = None if cloud_only else load_drafter(cfg)  # bad model: fail before any notice
     transport, run_strategy = connect_cloud(cfg, cfg.strategy, local_only)
-    drafter = load_drafter(cfg) if run_strategy != "cloud" else None
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
-    sink = Quiet() if json_out else JsonLinesRenderer() if jsonl else TextRenderer(
-        hide_thinking=hide_thinking, verbose=verbose)
+    sink = (
+        Quiet()
+        if json_out
+        else JsonLinesRenderer()
+        if jsonl
+        else TextRenderer(mark=mark, hide_thinking=hide_thinking, verbose=verbose)
+    )
     session_id = uuid.uuid4().hex
     cloud_session = CloudSession(transport, session_id) if transport is not None else None
     options = SessionOptions(
-        strategy=run_strategy, max_tokens=cfg.max_tokens, policy=policy,
-        sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                          seed=cfg.seed),
+        strategy=run_strategy,
+        max_tokens=cfg.max_tokens,
+        policy=policy,
+        sampling=Sampling(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
+        ),
         prefill_every=prefill_every,
     )
     loop = SpeculativeSession(drafter, cloud_session, options, sink=sink)  # type: ignore[arg-type]
@@ -251,10 +335,17 @@ def ask(
                 transport.close()
     if json_out:
         _print_json(answer.to_json(), run_strategy, drafter)
-    if answer.stats.fallback and not jsonl:
-        notice(f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally")
     if verbose:
         _print_speeds(answer, drafter)
+    if answer.stats.fallback and answer.stats.cloud_tokens == 0:
+        fail(
+            f"the cloud at {cfg.cloud} could not be used; the answer was written by the edge alone",
+            EXIT_CLOUD_UNREACHABLE,
+        )
+    if answer.stats.fallback and not jsonl:
+        notice(
+            f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally"
+        )
 
 
 # ---- eval ------------------------------------------------------------------------------
@@ -267,15 +358,21 @@ def eval_(
     model: ModelOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", help="First N problems.", min=1)] = None,
     levels: Annotated[str | None, typer.Option("--levels", help="MATH levels, e.g. 1,2.")] = None,
-    strategies: Annotated[str, typer.Option("--strategy", help="Comma-separated strategies.")] = "speculative,edge,cloud",
+    strategies: Annotated[
+        str, typer.Option("--strategy", help="Comma-separated strategies.")
+    ] = "speculative,edge,cloud",
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
     seed: SeedOpt = None,
     mode: ModeOpt = None,
     policy_file: PolicyOpt = None,
     knobs: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Results folder (default eval-results/DATASET).")] = None,
-    restart: Annotated[bool, typer.Option("--restart", help="Discard earlier results in --out.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results folder (default eval-results/DATASET).")
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard earlier results in --out.")
+    ] = False,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -291,7 +388,9 @@ def eval_(
     wanted = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ("speculative", "edge", "cloud")]
     if not wanted or unknown:
-        fail(f"--strategy takes speculative, edge and/or cloud, not {', '.join(unknown) or 'nothing'}")
+        fail(
+            f"--strategy takes speculative, edge and/or cloud, not {', '.join(unknown) or 'nothing'}"
+        )
     try:
         level_set = {int(x) for x in levels.split(",")} if levels else None
         problems = evaluate.load_problems(dataset, level_set, limit)
@@ -299,23 +398,33 @@ def eval_(
         fail(f"--levels takes comma-separated integers, not {levels!r}")
     except evaluate.EvalError as exc:
         fail(str(exc))
-    cfg = settings(model=model, cloud=cloud, max_tokens=max_tokens, temperature=temperature,
-                   seed=seed, mode=mode, policy_file=str(policy_file) if policy_file else None,
-                   gpu_layers=gpu_layers, threads=threads)
+    cfg = settings(
+        model=model,
+        cloud=cloud,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        mode=mode,
+        policy_file=str(policy_file) if policy_file else None,
+        gpu_layers=gpu_layers,
+        threads=threads,
+    )
     policy = policy_config(cfg, knobs)
     needs_cloud = any(s != "edge" for s in wanted)
     if needs_cloud and not cfg.cloud:
         fail("strategies speculative and cloud need a cloud: pass --cloud HOST:PORT")
     transport, _ = connect_cloud(cfg, "speculative", local_only=not needs_cloud)
     drafter = load_drafter(cfg) if any(s != "cloud" for s in wanted) else None
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        seed=cfg.seed)
+    sampling = Sampling(
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
+    )
 
     def answer_fn(prompt: str, strategy: str) -> dict[str, Any]:
         session_id = uuid.uuid4().hex
         cloud_session = CloudSession(transport, session_id) if strategy != "edge" else None
-        options = SessionOptions(strategy=strategy, max_tokens=cfg.max_tokens,
-                                 sampling=sampling, policy=policy)
+        options = SessionOptions(
+            strategy=strategy, max_tokens=cfg.max_tokens, sampling=sampling, policy=policy
+        )
         loop = SpeculativeSession(drafter, cloud_session, options)  # type: ignore[arg-type]
         try:
             return loop.run([Message("user", prompt)]).to_json()
@@ -326,18 +435,31 @@ def eval_(
     out_dir = out or Path("eval-results") / dataset.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
-        "dataset": dataset.name, "levels": sorted(level_set) if level_set else None,
-        "limit": limit, "strategies": wanted, "max_tokens": cfg.max_tokens, "mode": cfg.mode,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-        "seed": cfg.seed, "edge_model": str(getattr(drafter, "path", "")),
+        "dataset": dataset.name,
+        "levels": sorted(level_set) if level_set else None,
+        "limit": limit,
+        "strategies": wanted,
+        "max_tokens": cfg.max_tokens,
+        "mode": cfg.mode,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "seed": cfg.seed,
+        "edge_model": str(getattr(drafter, "path", "")),
         "policy": {k: v for k, v in vars(policy).items() if k != "mode"},
     }
     rows: list[Any] = []
     interrupted = False
     try:
-        rows = evaluate.run_eval(problems, wanted, answer_fn, out_dir / "results.jsonl",
-                                 progress=sys.stderr.isatty(), run_config=run_config,
-                                 restart=restart)
+        rows = evaluate.run_eval(
+            problems,
+            wanted,
+            answer_fn,
+            out_dir / "results.jsonl",
+            progress=sys.stderr.isatty(),
+            run_config=run_config,
+            restart=restart,
+        )
     except evaluate.EvalInterrupted as stop:
         rows, interrupted = stop.rows, True
     except evaluate.EvalError as exc:
@@ -348,10 +470,13 @@ def eval_(
     summaries = evaluate.summarize(rows)
     typer.echo(evaluate.format_table(summaries))
     evaluate.write_report(summaries, rows, out_dir / "report.json", run_config=run_config)
-    evaluate.plot(summaries, out_dir / "tradeoff.png", dataset=dataset.stem,
-                  date=date.today().isoformat())
-    notice(f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
-           f"{out_dir / 'results.jsonl'}")
+    evaluate.plot(
+        summaries, out_dir / "tradeoff.png", dataset=dataset.stem, date=date.today().isoformat()
+    )
+    notice(
+        f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
+        f"{out_dir / 'results.jsonl'}"
+    )
     if interrupted:
         notice("interrupted: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)

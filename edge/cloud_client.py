@@ -9,6 +9,7 @@ what still fails is written locally by the loop.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -52,8 +53,7 @@ class ClientOptions:
 
 
 def _channel(options: ClientOptions) -> grpc.Channel:
-    channel_options = [("grpc.max_receive_message_length", 4 << 20),
-                       ("grpc.enable_retries", 0)]
+    channel_options = [("grpc.max_receive_message_length", 4 << 20), ("grpc.enable_retries", 0)]
     if not options.tls:
         return grpc.insecure_channel(options.address, options=channel_options)
     root = Path(options.tls_ca_file).read_bytes() if options.tls_ca_file else None
@@ -68,7 +68,9 @@ class CircuitBreaker:
     A success closes it; a failed probe opens it again. No flapping: while open, calls
     fail at once without touching the network."""
 
-    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.clock = clock
@@ -150,17 +152,21 @@ class GrpcCloud:
     def model_info(self) -> pb.ModelInfo:
         self._connect()
         try:
-            return self.stub.GetModelInfo(pb.ModelInfoRequest(), metadata=self._metadata(),
-                                          timeout=self.options.connect_timeout_s + 5)
+            return self.stub.GetModelInfo(
+                pb.ModelInfoRequest(),
+                metadata=self._metadata(),
+                timeout=self.options.connect_timeout_s + 5,
+            )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc) from None
 
     def end_session(self, session_id: str) -> None:
-        try:
-            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id),
-                                 metadata=self._metadata(session_id), timeout=2.0)
-        except grpc.RpcError:
-            pass  # best effort: the cloud forgets idle sessions anyway
+        with contextlib.suppress(grpc.RpcError):  # best effort: idle sessions expire anyway
+            self.stub.EndSession(
+                pb.EndSessionRequest(session_id=session_id),
+                metadata=self._metadata(session_id),
+                timeout=2.0,
+            )
 
     def prefill(self, session_id: str, text: FullText | TextDelta) -> tuple[int, str]:
         """Warm the cloud's cache for the session; no retries (it is only an optimisation)."""
@@ -168,9 +174,11 @@ class GrpcCloud:
             raise errors.Unavailable("cloud circuit open")
         try:
             self._connect()
-            reply = self.stub.Prefill(prefill_to_pb(session_id, text),
-                                      metadata=self._metadata(session_id),
-                                      timeout=self.options.takeover_timeout_s)
+            reply = self.stub.Prefill(
+                prefill_to_pb(session_id, text),
+                metadata=self._metadata(session_id),
+                timeout=self.options.takeover_timeout_s,
+            )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc) from None
         return reply.committed_length, reply.committed_sha256
@@ -181,8 +189,9 @@ class GrpcCloud:
         while True:
             attempt += 1
             if not self.breaker.allow():
-                raise errors.Unavailable("cloud circuit open after repeated failures; "
-                                         "writing locally until it recovers")
+                raise errors.Unavailable(
+                    "cloud circuit open after repeated failures; writing locally until it recovers"
+                )
             received = False
             try:
                 self._connect()
@@ -207,7 +216,8 @@ class GrpcCloud:
 
     def _stream(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         responses = self.stub.Takeover(
-            call_to_pb(call), metadata=self._metadata(call.session_id),
+            call_to_pb(call),
+            metadata=self._metadata(call.session_id),
             timeout=self.options.takeover_timeout_s,
         )
         self._active = responses

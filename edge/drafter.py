@@ -10,7 +10,7 @@ counts them).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,9 @@ class LlamaDrafter:
         model = self.llm._model
         bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
         add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
-        return list(self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=add_bos, special=True))
+        return list(
+            self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=add_bos, special=True)
+        )
 
     # -- drafting --
 
@@ -135,7 +137,7 @@ class LlamaDrafter:
 
     def draft(
         self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
-    ) -> Iterator[DraftToken]:
+    ) -> Generator[DraftToken, None, None]:
         import llama_cpp
 
         tokens = self.tokenize(messages, text)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -61,7 +61,7 @@ class DraftToken:
 class Drafter(Protocol):
     def draft(
         self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
-    ) -> Iterator[DraftToken]:
+    ) -> Generator[DraftToken, None, None]:
         """Continue the assistant `text` after `messages`; one item per token.
 
         The caller may stop early by closing the iterator; the next call re-tokenizes."""
@@ -326,7 +326,9 @@ class SpeculativeSession:
             self.stats.cloud_calls = self.cloud.calls
             self.stats.full_text_resends = self.cloud.full_text_resends
             self.stats.cloud_prefills = self.cloud.prefills
-        return Answer(self.text, self.finish or FINISH_LENGTH, self.segments, self.stats, self.notices)
+        return Answer(
+            self.text, self.finish or FINISH_LENGTH, self.segments, self.stats, self.notices
+        )
 
     # -- the phases --
 
@@ -370,7 +372,9 @@ class SpeculativeSession:
             segment = self._open_segment("edge", decision.reason)
             self._write(segment, probe_text, sum(1 for t in probe if t.finish is None))
             # a drafter that writes nothing more has ended, whether or not it said so
-            self.finish = next((t.finish for t in probe if t.finish), None if probe else FINISH_STOP)
+            self.finish = next(
+                (t.finish for t in probe if t.finish), None if probe else FINISH_STOP
+            )
             if self.finish is None and not policy.ends_paragraph(self.text):
                 self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=True, segment=segment)
             return
@@ -403,8 +407,12 @@ class SpeculativeSession:
 
     def _prefill_due(self, written: int) -> bool:
         every = self.options.prefill_every
-        return bool(every and self.cloud is not None and self.options.strategy == "speculative"
-                    and written % every == 0)
+        return bool(
+            every
+            and self.cloud is not None
+            and self.options.strategy == "speculative"
+            and written % every == 0
+        )
 
     def _look_ahead(self, budget: int) -> list[DraftToken]:
         """Draft a probe of the next paragraph, not shown until the policy keeps it."""
@@ -437,7 +445,9 @@ class SpeculativeSession:
         text_before = self.text
         first_chunk = True
         try:
-            for event in self.cloud.takeover(self._messages, self.text, self.options.sampling, write):
+            for event in self.cloud.takeover(
+                self._messages, self.text, self.options.sampling, write
+            ):
                 if isinstance(event, TextChunk):
                     if first_chunk:
                         self.stats.cloud_first_chunk_s.append(self.clock() - started)

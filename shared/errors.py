@@ -18,6 +18,9 @@ code on both sides speaks in these names, not in status codes.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import grpc
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -108,12 +111,10 @@ def from_rpc_error(error: grpc.RpcError) -> SpecThinkError:
     cls = _BY_CODE.get(code, Unavailable if code == grpc.StatusCode.UNKNOWN else InternalError)
     if cls is Overloaded:
         retry_ms = 1000.0
-        trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         for key, value in trailers or ():
             if key == RETRY_AFTER_KEY:
-                try:
+                with contextlib.suppress(ValueError):
                     retry_ms = float(value)
-                except ValueError:
-                    pass
         return Overloaded(details, retry_after_s=retry_ms / 1000.0)
     return cls(details)

@@ -261,7 +261,9 @@ def after_takeover(
         return PolicyState(
             negativity=0,
             threshold=min(state.threshold + config.threshold_step, config.threshold_max),
-            recap_tokens=min(state.recap_tokens + config.recap_tokens_step, config.recap_tokens_max),
+            recap_tokens=min(
+                state.recap_tokens + config.recap_tokens_step, config.recap_tokens_max
+            ),
             takeovers=takeovers,
         )
     negative = classify(written, config).polarity is Polarity.NEGATIVE
@@ -280,7 +282,9 @@ def continuation_keyword(written: str, keywords: tuple[str, ...] | list[str]) ->
 _KEYWORD_KNOBS = ("affirmation_keywords", "reflection_keywords", "verification_keywords")
 
 
-def config_from_mapping(values: Mapping[str, Any], base: PolicyConfig | None = None) -> PolicyConfig:
+def config_from_mapping(
+    values: Mapping[str, Any], base: PolicyConfig | None = None
+) -> PolicyConfig:
     """Build a config from a mapping (a TOML table or CLI overrides), checking every key."""
     base = base or PolicyConfig()
     known = {f.name: f for f in fields(PolicyConfig)}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from edge.session import DraftToken
 from shared import errors
 from shared.wire import (
-    TextDelta,
     FINISH_LENGTH,
     FINISH_STOP,
     FullText,
@@ -16,11 +16,11 @@ from shared.wire import (
     TakeoverCall,
     TakeoverDone,
     TextChunk,
+    TextDelta,
     Timings,
     Usage,
     text_digest,
 )
-from edge.session import DraftToken
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ScriptedDrafter:
 
     def draft(
         self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
-    ) -> Iterator[DraftToken]:
+    ) -> Generator[DraftToken, None, None]:
         self.calls.append((text, max_tokens))
         for _ in range(max_tokens):
             if not self.tokens:
@@ -95,8 +95,12 @@ class ScriptedCloud:
         eos = self.end_of_sequence_on_last and not self.replies
         yield TakeoverDone(
             finish_reason=FINISH_STOP if eos else FINISH_LENGTH,
-            usage=Usage(prompt_tokens=len(text), cached_tokens=0, prefilled_tokens=len(text),
-                        generated_tokens=n),
+            usage=Usage(
+                prompt_tokens=len(text),
+                cached_tokens=0,
+                prefilled_tokens=len(text),
+                generated_tokens=n,
+            ),
             timings=Timings(),
             continued_on=None,
             committed_length=text_digest(text + written)[0],

@@ -14,12 +14,14 @@ from tests.fakes import ScriptedCloud, ScriptedDrafter
 MESSAGES = [Message("user", "What is 2+2?")]
 
 
-def run(drafter, cloud, *, mode=Mode.REASONING, strategy="speculative", max_tokens=200,
-        **knobs) -> tuple[Answer, CloudSession | None, list]:
+def run(
+    drafter, cloud, *, mode=Mode.REASONING, strategy="speculative", max_tokens=200, **knobs
+) -> tuple[Answer, CloudSession | None, list]:
     events: list = []
     session = CloudSession(cloud, "s1") if cloud is not None else None
-    options = SessionOptions(strategy=strategy, max_tokens=max_tokens,
-                             policy=PolicyConfig(mode=mode, **knobs))
+    options = SessionOptions(
+        strategy=strategy, max_tokens=max_tokens, policy=PolicyConfig(mode=mode, **knobs)
+    )
     answer = SpeculativeSession(drafter, session, options, sink=events.append).run(MESSAGES)
     return answer, session, events
 
@@ -33,9 +35,20 @@ def assert_consistent(answer: Answer) -> None:
 
 
 def test_neutral_probe_keeps_small_model_text_and_reflection_hands_over():
-    drafter = ScriptedDrafter(["Add", " them", ".\n\n",  # first paragraph
-                               "So", " 2+2", "=4", ".\n\n",  # probe 1: neutral, kept
-                               "Wait", ",", " hmm"])  # probe 2: reflection, discarded
+    drafter = ScriptedDrafter(
+        [
+            "Add",
+            " them",
+            ".\n\n",  # first paragraph
+            "So",
+            " 2+2",
+            "=4",
+            ".\n\n",  # probe 1: neutral, kept
+            "Wait",
+            ",",
+            " hmm",
+        ]
+    )  # probe 2: reflection, discarded
     cloud = ScriptedCloud(replies=[["Yes", " it", " is", " 4", "."]], end_of_sequence_on_last=True)
     answer, _, _ = run(drafter, cloud)
     assert [(s.source, s.reason) for s in answer.segments] == [
@@ -181,8 +194,9 @@ def test_cloud_strategy_lets_the_large_model_write_everything():
 def test_excessive_reflection_recap_is_written_by_the_cloud_with_its_preamble():
     # threshold 1: the first negative takeover arms the recap for the next break
     drafter = ScriptedDrafter(["P", ".\n\n", "Wait", "Q", ".\n\n"])
-    cloud = ScriptedCloud(replies=[["Wait", ",", " no", ".\n\n"], [" step", " 1"]],
-                          end_of_sequence_on_last=True)
+    cloud = ScriptedCloud(
+        replies=[["Wait", ",", " no", ".\n\n"], [" step", " 1"]], end_of_sequence_on_last=True
+    )
     answer, _, _ = run(drafter, cloud, negativity_threshold=1)
     recap_call = cloud.calls[1]
     assert recap_call.write.preamble == "Let me check whether there are some wrong steps:"
@@ -198,8 +212,9 @@ def test_prefill_ahead_warms_the_cloud_and_the_takeover_sends_only_the_rest():
     drafter = ScriptedDrafter(["a", "b", "c", "d", "e", ".\n\n", "Wait\n\n"])
     cloud = ScriptedCloud(replies=[["opening", " "], ["X"]], end_of_sequence_on_last=True)
     session = CloudSession(cloud, "s1")
-    options = SessionOptions(max_tokens=100, prefill_every=2,
-                             policy=PolicyConfig(mode=Mode.NON_REASONING))
+    options = SessionOptions(
+        max_tokens=100, prefill_every=2, policy=PolicyConfig(mode=Mode.NON_REASONING)
+    )
     answer = SpeculativeSession(drafter, session, options).run(MESSAGES)
     assert cloud.prefills, "the edge pushed its text ahead of the takeover"
     assert answer.stats.cloud_prefills == len(cloud.prefills)

@@ -59,6 +59,10 @@ class Admission:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Admit nothing more; waiters leave with Unavailable (graceful drain)."""
         with self._cond:
@@ -66,7 +70,10 @@ class Admission:
             self._cond.notify_all()
 
     def _retry_hint(self) -> float:
-        return max(0.05, min(30.0, self._mean_run_s * (len(self._queue) + 1)))
+        """Seconds until a place is likely free: the time to serve the queue ahead, at the
+        smoothed service time per request, between 50 ms and 30 s."""
+        ahead = (len(self._queue) + self._running) / max(1, self.limits.max_running)
+        return max(0.05, min(30.0, self._mean_run_s * max(1.0, ahead)))
 
     @contextmanager
     def slot(self, tokens: int, should_stop: Callable[[], bool]) -> Iterator[Ticket]:
@@ -75,8 +82,10 @@ class Admission:
             if self._closed:
                 raise errors.Unavailable("server is draining")
             queued_tokens = sum(t.tokens for t in self._queue)
-            if len(self._queue) >= self.limits.max_waiting or (
-                self._queue and queued_tokens + tokens > self.limits.max_waiting_tokens
+            must_wait = bool(self._queue) or self._running >= self.limits.max_running
+            if must_wait and (
+                len(self._queue) >= self.limits.max_waiting
+                or (self._queue and queued_tokens + tokens > self.limits.max_waiting_tokens)
             ):
                 raise errors.Overloaded(
                     f"queue full ({len(self._queue)} waiting); retry later",

@@ -8,13 +8,15 @@ grace period, end the rest with UNAVAILABLE, exit 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,11 +26,10 @@ from cloud.admission import Admission, AdmissionLimits
 from cloud.auth import ApiKeys
 from cloud.engine_api import Engine
 from cloud.metrics import Metrics
-from cloud.servicer import SpecThinkServicer
+from cloud.servicer import Malformed, SpecThinkServicer
 from cloud.sessions import SessionStore
 from cloud.validation import Limits
 from shared.rpc import specthink_pb2 as pb
-from shared.rpc import specthink_pb2_grpc as rpc
 
 log = logging.getLogger("specthink.cloud")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecThink"].full_name
@@ -46,9 +47,12 @@ class ServerOptions:
     reflection: bool = True
     drain_grace_s: float = 30.0
     max_waiting: int = 32
+    max_waiting_tokens: int = 262_144
     max_workers: int = 64
+    session_ttl_s: float = 1800.0
+    max_sessions: int = 4096
     log_prompts: bool = False
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
 
 
 def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
@@ -64,17 +68,73 @@ def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
     )
 
 
+def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bytes protobuf refuses (invalid UTF-8 in
+    a string field, a truncated message) become `Malformed`, which the servicer answers
+    with INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request!"."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:
+            return Malformed(
+                f"request is not a valid {message_class.DESCRIPTOR.name} "
+                f"({type(exc).__name__}; strings must be valid UTF-8)"
+            )
+
+    return parse
+
+
+def _add_servicer(servicer: SpecThinkServicer, server: grpc.Server) -> None:
+    """Like the generated add_SpecThinkServicer_to_server, with tolerant deserializers."""
+    handlers = {
+        "Takeover": grpc.unary_stream_rpc_method_handler(
+            servicer.Takeover,
+            request_deserializer=_tolerant(pb.TakeoverRequest),
+            response_serializer=pb.TakeoverEvent.SerializeToString,
+        ),
+        "Prefill": grpc.unary_unary_rpc_method_handler(
+            servicer.Prefill,
+            request_deserializer=_tolerant(pb.PrefillRequest),
+            response_serializer=pb.PrefillResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=_tolerant(pb.ModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+        "EndSession": grpc.unary_unary_rpc_method_handler(
+            servicer.EndSession,
+            request_deserializer=_tolerant(pb.EndSessionRequest),
+            response_serializer=pb.EndSessionResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
 class CloudServer:
     def __init__(self, engine: Engine, options: ServerOptions) -> None:
         self.options = options
         self.engine = engine
         self.metrics = Metrics()
-        self.admission = Admission(AdmissionLimits(max_waiting=options.max_waiting))
-        self.sessions = SessionStore(on_evict=engine.drop)
+        self.admission = Admission(
+            AdmissionLimits(
+                max_waiting=options.max_waiting, max_waiting_tokens=options.max_waiting_tokens
+            )
+        )
+        self.sessions = SessionStore(
+            max_sessions=options.max_sessions, ttl_s=options.session_ttl_s, on_evict=engine.drop
+        )
         api_keys = ApiKeys.from_file(options.api_key_file) if options.api_key_file else None
         self.servicer = SpecThinkServicer(
-            engine, admission=self.admission, sessions=self.sessions, limits=options.limits,
-            api_keys=api_keys, metrics=self.metrics, log_prompts=options.log_prompts,
+            engine,
+            admission=self.admission,
+            sessions=self.sessions,
+            limits=options.limits,
+            api_keys=api_keys,
+            metrics=self.metrics,
+            log_prompts=options.log_prompts,
         )
         self.health = health.HealthServicer()
         self.server = grpc.server(
@@ -85,7 +145,7 @@ class CloudServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        rpc.add_SpecThinkServicer_to_server(self.servicer, self.server)
+        _add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -100,7 +160,10 @@ class CloudServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.address = f"{options.host}:{self.port}"
+        self.metrics_port: int | None = None  # the port metrics listen on, once started
+        self._metrics_http: Any = None
         self._stopped = threading.Event()
+        self._draining = threading.Lock()
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)  # type: ignore[arg-type]
@@ -110,21 +173,62 @@ class CloudServer:
         """Listen at once (health answers NOT_SERVING), warm up, then report SERVING."""
         self.server.start()
         if self.options.metrics_port is not None:
-            self.metrics.serve(self.options.metrics_port, self.options.host)
+            self._metrics_http = self.metrics.serve(self.options.metrics_port, self.options.host)
+            if self._metrics_http is not None:
+                self.metrics_port = self._metrics_http.server_port
         if warm_up is not None:
             warm_up()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if not self.admission.closed:  # a drain during warm-up wins
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            json.dumps(
+                {"event": "serving", "address": self.address, "metrics_port": self.metrics_port}
+            )
+        )
 
     def drain(self) -> None:
-        """Stop admitting, let in-flight work finish within the grace, then stop."""
-        log.info('{"event": "drain", "grace_s": %s}', self.options.drain_grace_s)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Stop admitting, let in-flight work finish within the grace, then stop.
+
+        Health flips to NOT_SERVING at once (probes and load balancers stop sending), new
+        takeovers get UNAVAILABLE, running and queued ones have `drain_grace_s` to finish;
+        what is still running then ends with UNAVAILABLE (the edge resends or falls back)."""
+        with self._draining:  # a second SIGTERM waits for the first drain
+            if self._stopped.is_set():
+                return
+            grace = self.options.drain_grace_s
+            log.info(
+                json.dumps(
+                    {
+                        "event": "drain",
+                        "grace_s": grace,
+                        "running": self.admission.running,
+                        "waiting": self.admission.waiting,
+                    }
+                )
+            )
+            self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
+            self.admission.close()
+            if not self.admission.wait_idle(grace):
+                self.servicer.stopping.set()  # remaining streams end with UNAVAILABLE
+                self.admission.wait_idle(5.0)
+            self.server.stop(grace=1.0).wait()
+            self._stop_metrics()
+            log.info(json.dumps({"event": "drained"}))
+            self._stopped.set()
+
+    def stop_now(self) -> None:
+        """Stop at once without a drain (tests, and a second signal)."""
+        self.servicer.stopping.set()
         self.admission.close()
-        if not self.admission.wait_idle(self.options.drain_grace_s):
-            self.servicer.stopping.set()  # remaining streams end with UNAVAILABLE
-            self.admission.wait_idle(5.0)
-        self.server.stop(grace=1.0).wait()
+        self.server.stop(grace=None).wait()
+        self._stop_metrics()
         self._stopped.set()
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: object) -> None:

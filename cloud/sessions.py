@@ -24,6 +24,7 @@ class SessionText:
     committed: str
     last_use: float
     writer: int = 0  # generation number of the call allowed to write
+    confirmed: bool = False  # a call committed text (a delta may extend it)
     cancel_writer: threading.Event = field(default_factory=threading.Event)
 
 
@@ -38,7 +39,7 @@ class SessionStore:
         max_sessions: int = 4096,
         ttl_s: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
-        on_evict: Callable[[str], None] | None = None,
+        on_evict: Callable[[str], object] | None = None,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
@@ -66,10 +67,14 @@ class SessionStore:
             if isinstance(text, FullText):
                 return text.messages, text.assistant_text
             held = self._sessions.get(key)
-            if held is None:
-                raise errors.BaseMismatch("the cloud holds no text for this session: send the full text")
+            if held is None or not held.confirmed:
+                raise errors.BaseMismatch(
+                    "the cloud holds no text for this session: send the full text"
+                )
             if text_digest(held.committed) != (text.base_length, text.base_sha256):
-                raise errors.BaseMismatch("delta base does not match the session's text: send the full text")
+                raise errors.BaseMismatch(
+                    "delta base does not match the session's text: send the full text"
+                )
             return held.messages, held.committed + text.append
 
     def begin_write(self, key: str, messages: tuple[Message, ...]) -> tuple[int, threading.Event]:
@@ -95,11 +100,13 @@ class SessionStore:
             if held is None or held.writer != writer:
                 return False
             held.messages, held.committed, held.last_use = messages, text, self.clock()
+            held.confirmed = True
             return True
 
     def drop(self, key: str) -> bool:
+        """Forget a session (cancelling its writer); True if it held committed text."""
         with self._lock:
             held = self._sessions.pop(key, None)
             if held is not None:
                 held.cancel_writer.set()
-            return held is not None
+            return held is not None and held.confirmed

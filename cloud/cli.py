@@ -65,14 +65,26 @@ def serve(
     from cloud.server import CloudServer, ServerOptions
 
     options = ServerOptions(
-        host=host, port=port, api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key,
-        tls_client_ca=tls_client_ca, metrics_port=metrics_port, reflection=reflection,
-        drain_grace_s=drain_grace_s, max_waiting=max_waiting, log_prompts=log_prompts,
+        host=host,
+        port=port,
+        api_key_file=api_key_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        metrics_port=metrics_port,
+        reflection=reflection,
+        drain_grace_s=drain_grace_s,
+        max_waiting=max_waiting,
+        log_prompts=log_prompts,
+        session_ttl_s=session_ttl_s,
     )
     typer.echo(f"specthink-cloud: loading {model} ...", err=True)
     try:
         engine = TransformersEngine.load(
-            model, device=device, cache_dir=cache_dir, max_cache_bytes=max_cache_bytes,
+            model,
+            device=device,
+            cache_dir=cache_dir,
+            max_cache_bytes=max_cache_bytes,
             session_ttl_s=session_ttl_s,
         )
     except (ValueError, OSError) as exc:
@@ -86,7 +98,8 @@ def serve(
     info = engine.info
     typer.echo(
         f"specthink-cloud: {info.model_id} on {info.device} ({info.dtype}), "
-        f"context {info.context_length}", err=True,
+        f"context {info.context_length}",
+        err=True,
     )
     scheme = "grpcs" if tls_cert else "grpc"
     print(f"specthink-cloud listening on {scheme}://{server.address}", flush=True)

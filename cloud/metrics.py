@@ -21,42 +21,66 @@ class Metrics:
         self.enabled = True
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.running = prom.Gauge("specthink:num_requests_running",
-                                  "Requests on the engine now.", registry=r)
-        self.waiting = prom.Gauge("specthink:num_requests_waiting",
-                                  "Requests waiting for the engine.", registry=r)
-        self.ttft = prom.Histogram("specthink:time_to_first_token_seconds",
-                                   "Time from request to first token.", buckets=LATENCY_BUCKETS,
-                                   registry=r)
-        self.e2e = prom.Histogram("specthink:e2e_request_latency_seconds",
-                                  "Takeover latency, request to final message.",
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = prom.Histogram("specthink:request_queue_time_seconds",
-                                    "Time spent waiting for the engine.", buckets=LATENCY_BUCKETS,
-                                    registry=r)
-        self.prompt_tokens = prom.Counter("specthink:prompt_tokens",
-                                          "Prompt tokens of all requests.", registry=r)
-        self.prefill_tokens = prom.Counter("specthink:prefill_tokens",
-                                           "Prompt tokens computed (not cached).", registry=r)
-        self.generation_tokens = prom.Counter("specthink:generation_tokens",
-                                              "Tokens generated.", registry=r)
-        self.cache_queries = prom.Counter("specthink:prefix_cache_queries",
-                                          "Prompt tokens looked up in session caches.", registry=r)
-        self.cache_hits = prom.Counter("specthink:prefix_cache_hits",
-                                       "Prompt tokens found in session caches.", registry=r)
-        self.session_hits = prom.Counter("specthink:session_cache_hits",
-                                         "Calls that re-used a session's cache.", registry=r)
-        self.session_misses = prom.Counter("specthink:session_cache_misses",
-                                           "Calls that found no cache to re-use.", registry=r)
-        self.session_evictions = prom.Gauge("specthink:session_cache_evictions",
-                                            "Session caches evicted (LRU or TTL).", registry=r)
+        self.running = prom.Gauge(
+            "specthink:num_requests_running", "Requests on the engine now.", registry=r
+        )
+        self.waiting = prom.Gauge(
+            "specthink:num_requests_waiting", "Requests waiting for the engine.", registry=r
+        )
+        self.ttft = prom.Histogram(
+            "specthink:time_to_first_token_seconds",
+            "Time from request to first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = prom.Histogram(
+            "specthink:e2e_request_latency_seconds",
+            "Takeover latency, request to final message.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = prom.Histogram(
+            "specthink:request_queue_time_seconds",
+            "Time spent waiting for the engine.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = prom.Counter(
+            "specthink:prompt_tokens", "Prompt tokens of all requests.", registry=r
+        )
+        self.prefill_tokens = prom.Counter(
+            "specthink:prefill_tokens", "Prompt tokens computed (not cached).", registry=r
+        )
+        self.generation_tokens = prom.Counter(
+            "specthink:generation_tokens", "Tokens generated.", registry=r
+        )
+        self.cache_queries = prom.Counter(
+            "specthink:prefix_cache_queries",
+            "Prompt tokens looked up in session caches.",
+            registry=r,
+        )
+        self.cache_hits = prom.Counter(
+            "specthink:prefix_cache_hits", "Prompt tokens found in session caches.", registry=r
+        )
+        self.session_hits = prom.Counter(
+            "specthink:session_cache_hits", "Calls that re-used a session's cache.", registry=r
+        )
+        self.session_misses = prom.Counter(
+            "specthink:session_cache_misses", "Calls that found no cache to re-use.", registry=r
+        )
+        self.session_evictions = prom.Gauge(
+            "specthink:session_cache_evictions", "Session caches evicted (LRU or TTL).", registry=r
+        )
         self.sessions = prom.Gauge("specthink:active_sessions", "Sessions held.", registry=r)
-        self.cache_bytes = prom.Gauge("specthink:session_cache_bytes",
-                                      "Bytes of KV cache held for sessions.", registry=r)
-        self.takeovers = prom.Counter("specthink:takeovers", "Finished takeovers.",
-                                      ["finish_reason"], registry=r)
-        self.errors = prom.Counter("specthink:request_errors", "Requests that failed.",
-                                   ["code"], registry=r)
+        self.cache_bytes = prom.Gauge(
+            "specthink:session_cache_bytes", "Bytes of KV cache held for sessions.", registry=r
+        )
+        self.takeovers = prom.Counter(
+            "specthink:takeovers", "Finished takeovers.", ["finish_reason"], registry=r
+        )
+        self.errors = prom.Counter(
+            "specthink:request_errors", "Requests that failed.", ["code"], registry=r
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:
         if not self.enabled:

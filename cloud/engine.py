@@ -18,10 +18,8 @@ One call, in the order the code runs it:
 6. keep      the session holds exactly the ids whose KV is computed; LRU eviction within
              `max_cache_bytes`, idle eviction after `session_ttl_s`
 
-Plain prompt format (models without a chat template): every message's content, each
-followed by a blank line, then the assistant text verbatim::
-
-    <system content>\\n\\n<user content>\\n\\n<assistant text>
+Models without a chat template get `shared.prompting.plain_prompt` (the same on the
+edge), then the assistant text verbatim.
 
 Models are loaded from a Hugging Face folder, a hub id (only where the hub is
 reachable), or a `.gguf` file. GGUF files are dequantized by transformers, which is slow,
@@ -59,6 +57,7 @@ from cloud.engine_api import (
     Prefilled,
     ShouldStop,
 )
+from shared.prompting import plain_prompt
 from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
@@ -408,7 +407,7 @@ class TransformersEngine:
                 add_generation_prompt=True,
             )
             return str(head) + assistant_text
-        return "".join(m.content + "\n\n" for m in messages) + assistant_text
+        return plain_prompt(messages) + assistant_text
 
     def tokenize(self, messages: Sequence[Message], assistant_text: str) -> list[int]:
         text = self.render(messages, assistant_text)

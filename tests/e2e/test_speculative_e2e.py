@@ -16,10 +16,7 @@ from shared.wire import Message, Sampling
 
 pytestmark = pytest.mark.real_models
 BIN = Path(sys.executable).parent
-PROMPT = (
-    "Write three short paragraphs, separated by blank lines, about how bread is made: "
-    "the dough, the rising, and the baking."
-)
+PROMPT = "Explain photosynthesis in five numbered steps."
 
 
 def ask(

@@ -300,11 +300,12 @@ def ask(
 ) -> None:
     """Answer PROMPT with the small model, handing reflective steps to the cloud.
 
-    The answer streams to stdout (the cloud's text coloured on a terminal); notices go to
-    stderr. If the cloud fails, the edge keeps what it received and writes on alone, and
-    says so. Exit codes: 0 done, 2 bad input, 3 API key refused, 4 request rejected,
-    5 the cloud could not be used at all (the answer was still written locally),
-    130 interrupted (Ctrl-C; the partial answer is kept)."""
+    The answer streams to stdout (the cloud's text coloured on a terminal);
+    notices go to stderr. If the cloud fails, the edge keeps what it received,
+    writes on alone, and says so. Exit codes: 0 done, 2 bad input, 3 API key
+    refused, 4 request rejected, 5 the cloud could not be used at all (the
+    answer was still written locally), 130 interrupted (the partial answer is
+    kept)."""
     if json_out and jsonl:
         fail("--json and --jsonl exclude each other")
     run = prepare(
@@ -551,11 +552,11 @@ def chat(
         typer.Option("--prefill-every", help="Push drafted text every N tokens (0 = off).", min=0),
     ] = 0,
 ) -> None:
-    """Talk turn by turn: each line on stdin is a user turn (a '> ' prompt on a terminal).
+    """Talk turn by turn: each line on stdin is a user turn ('> ' on a terminal).
 
-    The whole conversation is one cloud session, so the cloud re-uses its cache across
-    turns and takeovers keep working. /exit or end of input leaves, /reset starts over;
-    Ctrl-C stops the answer being written (it is kept) and returns to the prompt."""
+    The conversation is one cloud session: the cloud re-uses its cache across
+    turns and takeovers keep working. /exit or end of input leaves, /reset
+    starts over; Ctrl-C stops the answer being written (it is kept)."""
     from edge.session import CloudSession
     from shared.wire import Message
 
@@ -829,6 +830,9 @@ def _print_speeds(answer: Any, transport: Any = None) -> None:
 
 
 def main() -> None:
+    # gRPC's C core logs connection events (GOAWAY on a cloud restart ...) on stderr at
+    # INFO; the edge says what matters itself, in one line each
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         app()
     except BrokenPipeError:  # `ask ... | head`

@@ -196,8 +196,7 @@ class GrpcCloud:
             grpc.channel_ready_future(self.channel).result(timeout=wait)
         except grpc.FutureTimeoutError:
             raise errors.Unavailable(
-                f"cannot reach the cloud at {self.options.address} "
-                f"(no connection within {wait:g} s)"
+                f"cannot reach the cloud at {self.options.address}: no connection within {wait:g} s"
             ) from None
         self._connected = True
 

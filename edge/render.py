@@ -1,14 +1,16 @@
 """How `ask` shows an answer: streamed text on stdout, notices on stderr, or JSON lines.
 
 On a terminal the cloud's text is coloured (or, with --mark brackets, wrapped in
-[cloud]...[/cloud]) and reasoning (<think>...</think>) is dimmed or hidden; piped output
-is plain text. Renderers are event sinks of the session loop.
+[cloud]...[/cloud]), reasoning (<think>...</think>) is dimmed or hidden, and a spinner on
+stderr fills the wait before the first word; piped output is plain text. Renderers are
+event sinks of the session loop.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -20,6 +22,51 @@ RESET = "\x1b[0m"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 OPEN_CLOUD, CLOSE_CLOUD = "[cloud]", "[/cloud]"
 MARKS = ("auto", "color", "brackets", "none")
+SPINNER_FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+CLEAR_LINE = "\r\x1b[K"
+
+
+class Spinner:
+    """A spinner on a terminal's stderr until the first word is written. It shows only
+    after `delay_s` (a quick answer never flashes one) and wipes its line when stopped."""
+
+    def __init__(
+        self, err: IO[str], label: str = "thinking", interval_s: float = 0.1, delay_s: float = 0.3
+    ) -> None:
+        self.err = err
+        self.label = label
+        self.interval_s = interval_s
+        self.delay_s = delay_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._shown = False
+        self._thread = threading.Thread(target=self._spin, name="spinner", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        if self._stop.wait(self.delay_s):
+            return
+        frame = 0
+        while True:
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self.err.write(f"\r{SPINNER_FRAMES[frame % len(SPINNER_FRAMES)]} {self.label}")
+                self.err.flush()
+                self._shown = True
+            frame += 1
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Idempotent; after it returns the spinner writes nothing more."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            if self._shown:
+                self.err.write(CLEAR_LINE)
+                self.err.flush()
 
 
 class TextRenderer:
@@ -34,6 +81,7 @@ class TextRenderer:
         mark: str = "auto",
         hide_thinking: bool = False,
         verbose: bool = False,
+        spinner: bool | None = None,
     ):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -53,8 +101,12 @@ class TextRenderer:
         self.wrote_any = False
         self._closed = False
         self._told: set[str] = set()
+        show_spinner = _isatty(self.err) if spinner is None else spinner
+        self.spinner = Spinner(self.err) if show_spinner else None
 
     def __call__(self, event: Event) -> None:
+        if event.kind == "takeover" and self.spinner is not None:
+            self.spinner.label = "the cloud is writing"
         if event.kind == "segment":
             self._switch(event.data["source"])
         elif event.kind == "text":
@@ -73,6 +125,7 @@ class TextRenderer:
         if self._closed:
             return
         self._closed = True
+        self._stop_spinner()
         self._flush_pending()
         self._switch("")
         if self.wrote_any:
@@ -83,6 +136,7 @@ class TextRenderer:
         """Brackets mode: [cloud]...[/cloud] around the large model's text."""
         if self.brackets and source != self._source:
             self._flush_pending()
+            self._stop_spinner()
             if self._source == "cloud":
                 self.out.write(CLOSE_CLOUD)
             if source == "cloud":
@@ -90,8 +144,14 @@ class TextRenderer:
         self._source = source
 
     def notice(self, message: str) -> None:
+        self._stop_spinner()
         self.err.write(message + "\n")
         self.err.flush()
+
+    def _stop_spinner(self) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
 
     def _text(self, source: str, text: str) -> None:
         self._pending += text
@@ -139,6 +199,7 @@ class TextRenderer:
             text = text.lstrip("\n")  # the answer after a hidden <think> block starts clean
             if not text:
                 return
+        self._stop_spinner()  # the first visible word ends the wait (hidden thinking does not)
         self.wrote_any = True
         if not self.color:
             self.out.write(text)

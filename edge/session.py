@@ -444,6 +444,7 @@ class SpeculativeSession:
         started = self.clock()
         text_before = self.text
         first_chunk = True
+        waited: float | None = None  # set when the cloud failed: local writing is not waiting
         try:
             for event in self.cloud.takeover(
                 self._messages, self.text, self.options.sampling, write
@@ -458,9 +459,10 @@ class SpeculativeSession:
         except (errors.Unauthenticated, errors.InvalidRequest):
             raise
         except errors.SpecThinkError as exc:
+            waited = self.clock() - started
             self._fall_back(decision, segment, budget + write.continue_tokens, exc)
         finally:
-            self.stats.cloud_wait_s += self.clock() - started
+            self.stats.cloud_wait_s += waited if waited is not None else self.clock() - started
             self.stats.takeovers += 1
             self.state = policy.after_takeover(
                 self.options.policy, self.state, decision, self.text[len(text_before) :]

@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -252,6 +253,45 @@ def test_chat_ends_at_end_of_input(tmp_path: Path) -> None:
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Four.\n" and len(engine.calls) == 1
+
+
+def test_ctrl_c_in_chat_stops_the_answer_keeps_it_and_the_chat_goes_on(tmp_path: Path) -> None:
+    engine = ScriptedEngine(tokens=("la ",), token_delay_s=0.05)
+    with serving(engine) as server:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "specthink-edge"),
+                "chat",
+                "--cloud",
+                server.address,
+                "--strategy",
+                "cloud",
+                "--jsonl",
+                "--max-tokens",
+                "30",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=edge_env(tmp_path),
+        )
+        assert proc.stdin is not None
+        proc.stdin.write("Sing.\n")
+        proc.stdin.flush()
+        assert engine.first_token.wait(60)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        stdout, stderr = proc.communicate("Again, briefly.\n", timeout=60)
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    first, second = [e for e in events if e["event"] == "done"]
+    assert first["finish_reason"] == "interrupted" and first["text"].startswith("la la")
+    assert second["finish_reason"] == "length" and second["text"] == "la " * 30
+    assert engine.stopped, "the interrupted call was cancelled on the server"
+    # the partial answer stays in the conversation
+    assert engine.calls[-1].messages[1] == Message("assistant", first["text"].strip())
 
 
 @pytest.mark.real_models

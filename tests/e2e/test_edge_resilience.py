@@ -341,6 +341,10 @@ def test_cloud_that_never_answers_costs_the_connect_timeout_then_the_edge_answer
     # three attempts of 0.5 s, then the circuit is open: no endless waiting
     assert result["stats"]["cloud_retries"] == 2
     assert elapsed < 60
+    # the time the edge spent writing is not counted as time waiting on the cloud
+    stats = result["stats"]
+    assert 1.5 <= stats["cloud_wait_s"] < 10
+    assert stats["cloud_wait_s"] + stats["edge_draft_s"] <= stats["wall_s"] + 0.05
 
 
 @pytest.mark.real_models

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 
 from edge.render import (
+    CLEAR_LINE,
     CLOUD_STYLE,
     RESET,
+    SPINNER_FRAMES,
     THINK_STYLE,
     JsonLinesRenderer,
     StderrNotices,
@@ -188,3 +191,31 @@ def test_json_modes_still_say_fallbacks_on_stderr() -> None:
 )
 def test_chat_history_keeps_the_answer_without_its_reasoning(text: str, kept: str) -> None:
     assert strip_thinking(text) == kept
+
+
+def test_a_spinner_fills_the_wait_on_a_terminal_and_is_wiped_before_the_first_word() -> None:
+    out, err = Tty(), Tty()
+    renderer = TextRenderer(out=out, err=err)
+    assert renderer.spinner is not None
+    renderer.spinner.delay_s = 0
+    time.sleep(0.5)
+    renderer(Event("segment", {"source": "edge", "reason": "r"}))
+    renderer(Event("text", {"source": "edge", "text": "Hi"}))
+    shown = err.getvalue()
+    time.sleep(0.3)
+    assert err.getvalue() == shown, "nothing more after the first word"
+    assert SPINNER_FRAMES[0] in shown and "thinking" in shown
+    assert shown.endswith(CLEAR_LINE)
+    assert out.getvalue() == "Hi"
+
+
+def test_hidden_thinking_keeps_the_spinner_going() -> None:
+    renderer = TextRenderer(out=Tty(), err=Tty(), hide_thinking=True)
+    renderer(Event("text", {"source": "edge", "text": "<think>hmm"}))
+    assert renderer.spinner is not None
+    renderer(Event("text", {"source": "edge", "text": "</think>Four"}))
+    assert renderer.spinner is None
+
+
+def test_no_spinner_when_stderr_is_not_a_terminal() -> None:
+    assert TextRenderer(out=Tty(), err=io.StringIO()).spinner is None

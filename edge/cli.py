@@ -405,7 +405,7 @@ class Run:
     def answer(self, messages: list[Any], cloud_session: Any, output: Output) -> Any:
         """One answer through the session loop, with Ctrl-C and refusals handled: the
         partial answer is kept (and printed as JSON with --json/--jsonl), then exit."""
-        from edge.session import Answer, CloudRefused, Event, SpeculativeSession
+        from edge.session import CloudRefused, Event, SpeculativeSession
         from shared import errors
 
         sink = output.sink()
@@ -416,7 +416,7 @@ class Run:
         except KeyboardInterrupt:
             if self.transport is not None:
                 self.transport.cancel_active()  # the server sees CANCELLED and stops
-            partial = _partial(loop, Answer, "interrupted")
+            partial = loop.answer_so_far("interrupted")
             self.last_partial = partial.text
             self._end(output, sink, partial, Event)
             notice("interrupted; the partial answer is kept")
@@ -442,13 +442,6 @@ class Run:
             sink(event("done", partial.to_json()))
         else:
             sink.close()
-
-
-def _partial(loop: Any, answer_cls: Any, finish: str) -> Any:
-    """The answer as far as it got (an interrupted loop never built its own)."""
-    loop.stats.wall_s = loop.clock() - loop._t0
-    segments = [s for s in loop.segments if s.text or s.tokens]
-    return answer_cls(loop.text, finish, segments, loop.stats, loop.notices)
 
 
 def prepare(

@@ -42,7 +42,9 @@ from shared.wire import (
 )
 
 STRATEGIES = ("speculative", "edge", "cloud")
-CLOUD_ONLY_CHUNK_TOKENS = 64  # cloud strategy: tokens per call, so a failure or timeout loses little
+CLOUD_ONLY_CHUNK_TOKENS = (
+    64  # cloud strategy: tokens per call, so a failure or timeout loses little
+)
 
 
 # ---- the two interfaces ---------------------------------------------------------------
@@ -318,7 +320,10 @@ class SpeculativeSession:
         self.notices.append(message)
         self.sink(Event(kind, {"message": message, **data}))
 
-    def _answer(self) -> Answer:
+    def answer_so_far(self, finish: str | None = None) -> Answer:
+        """The answer as far as it got (also after an interruption, with its finish)."""
+        if finish is not None:
+            self.finish = finish
         self.segments = [s for s in self.segments if s.text or s.tokens]
         self.stats.wall_s = self.clock() - self._t0
         if self.cloud is not None:
@@ -343,10 +348,10 @@ class SpeculativeSession:
             else:
                 self._speculate()
         except errors.SpecThinkError as exc:
-            raise CloudRefused(exc, self._answer()) from exc
+            raise CloudRefused(exc, self.answer_so_far()) from exc
         if self.finish is None:
             self.finish = FINISH_LENGTH
-        answer = self._answer()
+        answer = self.answer_so_far()
         self.sink(Event("done", answer.to_json()))
         return answer
 

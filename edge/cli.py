@@ -89,6 +89,32 @@ GpuOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="CPU threads for the small model.")
 ]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Top-k sampling (0 = off).")]
+LocalOnlyOpt = Annotated[bool, typer.Option("--local-only", help="Never contact the cloud.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System message.")]
+HideThinkingOpt = Annotated[
+    bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Timings and speeds after each answer.")
+]
+MarkOpt = Annotated[
+    str,
+    typer.Option(
+        "--mark",
+        help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
+    ),
+]
+PrefillEveryOpt = Annotated[
+    int,
+    typer.Option(
+        "--prefill-every",
+        help="Push the edge's text to the cloud every N drafted tokens (0 = off), so that "
+        "takeovers find a warm cache.",
+        min=0,
+    ),
+]
 
 
 def settings(**flags: Any) -> EffectiveConfig:
@@ -263,40 +289,21 @@ def ask(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON event per line.")] = False,
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
     seed: SeedOpt = None,
     mode: ModeOpt = None,
     strategy: StrategyOpt = None,
-    local_only: Annotated[
-        bool, typer.Option("--local-only", help="Never contact the cloud.")
-    ] = False,
-    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    local_only: LocalOnlyOpt = False,
+    system: SystemOpt = None,
     policy_file: PolicyOpt = None,
     knobs: SetOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
-    hide_thinking: Annotated[
-        bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Timings and speeds at the end.")
-    ] = False,
-    mark: Annotated[
-        str,
-        typer.Option(
-            "--mark",
-            help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
-        ),
-    ] = "auto",
-    prefill_every: Annotated[
-        int,
-        typer.Option(
-            "--prefill-every",
-            help="Push the edge's text to the cloud every N drafted tokens (0 = off) so takeovers find a warm cache.",
-            min=0,
-        ),
-    ] = 0,
+    hide_thinking: HideThinkingOpt = False,
+    verbose: VerboseOpt = False,
+    mark: MarkOpt = "auto",
+    prefill_every: PrefillEveryOpt = 0,
 ) -> None:
     """Answer PROMPT with the small model, handing reflective steps to the cloud.
 
@@ -514,36 +521,21 @@ def chat(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line.")] = False,
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
     seed: SeedOpt = None,
     mode: ModeOpt = None,
     strategy: StrategyOpt = None,
-    local_only: Annotated[
-        bool, typer.Option("--local-only", help="Never contact the cloud.")
-    ] = False,
-    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    local_only: LocalOnlyOpt = False,
+    system: SystemOpt = None,
     policy_file: PolicyOpt = None,
     knobs: SetOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
-    hide_thinking: Annotated[
-        bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Timings and speeds after each answer.")
-    ] = False,
-    mark: Annotated[
-        str,
-        typer.Option(
-            "--mark",
-            help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
-        ),
-    ] = "auto",
-    prefill_every: Annotated[
-        int,
-        typer.Option("--prefill-every", help="Push drafted text every N tokens (0 = off).", min=0),
-    ] = 0,
+    hide_thinking: HideThinkingOpt = False,
+    verbose: VerboseOpt = False,
+    mark: MarkOpt = "auto",
+    prefill_every: PrefillEveryOpt = 0,
 ) -> None:
     """Talk turn by turn: each line on stdin is a user turn ('> ' on a terminal).
 

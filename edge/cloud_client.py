@@ -7,8 +7,8 @@ text by `CloudSession`, retryable errors are retried here before any text arrive
 what still fails is written locally by the loop.
 
 Two clocks bound the wait on a cloud: the connect timeout (reaching it at all, a few
-seconds) and the takeover timeout, one budget for a whole takeover: every attempt, every
-backoff and every connect of it. A takeover that runs out of it ends in
+seconds) and the takeover budget for a whole takeover, every attempt, backoff and connect
+of it: the takeover timeout plus `per_token_timeout_s` for each token it may write. A takeover that runs out of it ends in
 DEADLINE_EXCEEDED (or UNAVAILABLE) and the loop writes the stretch locally.
 """
 
@@ -47,6 +47,9 @@ class ClientOptions:
     api_key: str | None = None
     connect_timeout_s: float = 3.0
     takeover_timeout_s: float = 30.0
+    # ... plus this much per token the takeover may write: a 225-token verification
+    # continuation on a slow cloud must not be cut off by a budget sized for 20 tokens
+    per_token_timeout_s: float = 0.5
     tls: bool = False
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -248,7 +251,8 @@ class GrpcCloud:
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         """One takeover, retried with backoff while nothing has arrived yet, all within
         one takeover budget."""
-        deadline = self.clock() + self.options.takeover_timeout_s
+        budget_s = self.takeover_budget_s(call)
+        deadline = self.clock() + budget_s
         attempt = 0
         while True:
             attempt += 1
@@ -263,8 +267,7 @@ class GrpcCloud:
                 left = deadline - self.clock()
                 if left <= 0:
                     raise errors.DeadlineExceeded(
-                        f"no answer within the takeover timeout "
-                        f"({self.options.takeover_timeout_s:g} s)"
+                        f"no answer within the takeover timeout ({budget_s:g} s)"
                     )
                 self.calls += 1
                 for event in self._stream(call, left):
@@ -303,6 +306,11 @@ class GrpcCloud:
                 if not recorded:  # abandoned (Ctrl-C, or the consumer stopped reading)
                     self.breaker.release()
 
+    def takeover_budget_s(self, call: TakeoverCall) -> float:
+        """The takeover timeout plus an allowance per token the call may write."""
+        tokens = call.write.max_tokens + call.write.continue_tokens
+        return self.options.takeover_timeout_s + tokens * self.options.per_token_timeout_s
+
     def _backoff(self, attempt: int, exc: errors.SpecThinkError) -> float:
         if isinstance(exc, errors.Overloaded):  # the server said when to come back
             return min(exc.retry_after_s, self.options.max_backoff_s)
@@ -334,7 +342,7 @@ def _explained(exc: errors.SpecThinkError, options: ClientOptions) -> errors.Spe
     """gRPC's own words for a deadline are terse: say which timeout it was."""
     if isinstance(exc, errors.DeadlineExceeded):
         return errors.DeadlineExceeded(
-            f"no complete answer within the takeover timeout ({options.takeover_timeout_s:g} s; "
-            "SPECTHINK_TAKEOVER_TIMEOUT)"
+            f"no complete answer within the takeover timeout ({options.takeover_timeout_s:g} s "
+            f"+ {options.per_token_timeout_s:g} s per token; SPECTHINK_TAKEOVER_TIMEOUT)"
         )
     return exc

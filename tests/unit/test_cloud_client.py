@@ -119,6 +119,7 @@ def scripted_cloud(
 ) -> tuple[GrpcCloud, list[str], list[str]]:
     """A GrpcCloud whose connect succeeds and whose streams follow `outcomes`: an error
     raised before any event, or a list of events (an error inside it is raised there)."""
+    options.setdefault("per_token_timeout_s", 0.0)
     opts = ClientOptions(address="127.0.0.1:1", **options)  # type: ignore[arg-type]
     notices: list[str] = []
     cloud = GrpcCloud(opts, sleep=clock.sleep, clock=clock, notify=notices.append)
@@ -299,3 +300,19 @@ def test_a_probe_interrupted_by_ctrl_c_does_not_leave_the_breaker_stuck_open() -
     with pytest.raises(KeyboardInterrupt):
         list(cloud.takeover(CALL))
     assert cloud.breaker.allow(), "the next takeover may probe"
+
+
+def test_takeover_budget_grows_with_the_tokens_it_may_write():
+    clock = FakeClock()
+    cloud, streamed, _ = scripted_cloud(
+        [[DONE]], clock, takeover_timeout_s=10.0, per_token_timeout_s=0.5
+    )
+    long_call = TakeoverCall(
+        "s1",
+        FullText((Message("user", "hi"),), ""),
+        Sampling(),
+        WriteSpec(max_tokens=20, continue_if=("check",), continue_tokens=125),
+    )
+    assert cloud.takeover_budget_s(long_call) == 10.0 + 145 * 0.5
+    list(cloud.takeover(long_call))
+    assert streamed == ["timeout=82.5"]

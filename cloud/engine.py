@@ -184,6 +184,7 @@ class _Session:
     ids: list[int]  # exactly the tokens whose KV the cache holds
     cache: Any  # transformers DynamicCache
     last_use: float
+    held_bytes: int = 0  # its KV bytes when last checked in (counted in the engine's total)
 
     def nbytes(self) -> int:
         return _cache_bytes(self.cache)
@@ -309,6 +310,7 @@ class TransformersEngine:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # LRU first
         self._hits = self._misses = self._evictions = 0
+        self._held_bytes = 0  # KV bytes of the sessions in the table, kept as a running total
 
         cfg = (
             model.config.get_text_config()
@@ -428,9 +430,9 @@ class TransformersEngine:
         with self._lock:
             for sid, idle in list(self._sessions.items()):
                 if now - idle.last_use > self.session_ttl_s:
-                    del self._sessions[sid]
+                    self._remove(sid)
                     self._evictions += 1
-            found = self._sessions.pop(session) if session in self._sessions else None
+            found = self._remove(session)
         return found or _Session(ids=[], cache=DynamicCache(), last_use=now)
 
     def _checkin(self, session: str, s: _Session) -> None:
@@ -438,27 +440,31 @@ class TransformersEngine:
         until the total KV bytes fit the budget."""
         _crop(s.cache, len(s.ids))  # an interrupted forward may have left extra KV
         s.last_use = self._clock()
+        s.held_bytes = s.nbytes()  # O(layers) once per call; the total is kept running
         with self._lock:
             self._sessions[session] = s
             self._sessions.move_to_end(session)
-            total = sum(x.nbytes() for x in self._sessions.values())
-            while total > self.max_cache_bytes and self._sessions:
-                _, victim = self._sessions.popitem(last=False)
-                total -= victim.nbytes()
+            self._held_bytes += s.held_bytes
+            while self._held_bytes > self.max_cache_bytes and self._sessions:
+                self._remove(next(iter(self._sessions)))
                 self._evictions += 1
+
+    def _remove(self, session: str) -> _Session | None:
+        """Take a session out of the table and out of the byte total (lock held)."""
+        found = self._sessions.pop(session, None)
+        if found is not None:
+            self._held_bytes -= found.held_bytes
+        return found
 
     def drop(self, session: str) -> bool:
         with self._lock:
-            if session not in self._sessions:
-                return False
-            del self._sessions[session]
-            return True
+            return self._remove(session) is not None
 
     def cache_stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(
                 sessions=len(self._sessions),
-                bytes=sum(s.nbytes() for s in self._sessions.values()),
+                bytes=self._held_bytes,
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,

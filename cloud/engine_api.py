@@ -81,7 +81,11 @@ class Engine(Protocol):
         ...
 
     def prefill(
-        self, session: str, messages: Sequence[Message], assistant_text: str, should_stop: ShouldStop
+        self,
+        session: str,
+        messages: Sequence[Message],
+        assistant_text: str,
+        should_stop: ShouldStop,
     ) -> Prefilled:
         """Bring the session's KV cache up to this text without generating."""
         ...

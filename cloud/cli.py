@@ -62,6 +62,7 @@ def serve(
         from cloud.engine import TransformersEngine
     except ImportError as exc:
         _fail(f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'")
+    from cloud.engine_thread import EngineThread
     from cloud.server import CloudServer, ServerOptions
 
     options = ServerOptions(
@@ -89,12 +90,13 @@ def serve(
         )
     except (ValueError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    engine_loop = EngineThread(engine)  # all model work on one thread: one warm torch pool
     try:
-        server = CloudServer(engine, options)
+        server = CloudServer(engine_loop, options)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     server.install_signal_handlers()
-    server.start(warm_up=lambda: _warm_up(engine))
+    server.start(warm_up=lambda: _warm_up(engine_loop))
     info = engine.info
     typer.echo(
         f"specthink-cloud: {info.model_id} on {info.device} ({info.dtype}), "

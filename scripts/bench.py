@@ -192,6 +192,7 @@ class Rig:
     ) -> None:
         from cloud.cli import _warm_up
         from cloud.engine import TransformersEngine
+        from cloud.engine_thread import EngineThread
         from cloud.server import CloudServer, ServerOptions
         from edge.drafter import LlamaDrafter
 
@@ -205,7 +206,10 @@ class Rig:
             f"cloud model loaded in {time.perf_counter() - t0:.1f} s: {cloud_model.name} "
             f"({self.engine.info.dtype}, {self.engine.info.device})"
         )
-        self.server = CloudServer(self.engine, ServerOptions(port=0, reflection=False))
+        # as `specthink-cloud serve` does: all model work on one engine thread
+        self.server = CloudServer(
+            EngineThread(self.engine), ServerOptions(port=0, reflection=False)
+        )
         self.server.start(warm_up=lambda: _warm_up(self.engine))
         self.address = self.server.address
         self.client = self.connect(self.address)

@@ -34,9 +34,10 @@ from tests.e2e.test_edge_resilience import (
     edge_env,
     serving,
 )
+from tests.integration.cloud_harness import ScriptedEngine as HarnessEngine
 
 
-def four() -> ScriptedEngine:
+def four() -> HarnessEngine:
     """A cloud that answers "Four." and stops."""
     return ScriptedEngine(tokens=("Four", "."), end_after=2)
 

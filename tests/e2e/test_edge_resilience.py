@@ -17,20 +17,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud.engine_api import CacheStats, EngineCancelled, EngineInfo, Generated, Prefilled
 from cloud.server import CloudServer, ServerOptions
 from cloud.validation import Limits
 from shared import errors
-from shared.wire import FINISH_LENGTH, FINISH_STOP, Message, Sampling, TextChunk, Usage
 from tests.conftest import start_cloud
+from tests.integration.cloud_harness import ScriptedEngine as HarnessEngine
 
 BIN = Path(sys.executable).parent
 GOOD_KEY = "k" * 24
@@ -39,125 +37,14 @@ GOOD_KEY = "k" * 24
 # ---- a scripted cloud engine ------------------------------------------------------------
 
 
-INFO = EngineInfo("scripted", "Scripted/1", 4096, "cpu", "float32", True)
-
-
-@dataclass
-class EngineCall:
-    session: str
-    messages: tuple[Message, ...]
-    assistant_text: str
-    max_tokens: int
-    at: float
-
-
-@dataclass
-class ScriptedEngine:
-    """Implements `cloud.engine_api.Engine`: writes `tokens` cyclically, one per step.
-
-    `gate`: decoding waits for it (polling should_stop, like the real engine between
-    steps); `refuse`: errors raised by the next calls instead of writing (None: write); `on_call`: run at
-    the start of each call (with its index); `drop_delay_s`: EndSession takes this long."""
-
-    tokens: Sequence[str] = ("Step one.", "\n\n")
-    token_delay_s: float = 0.0
-    gate: threading.Event | None = None
-    end_after: int | None = None
-    refuse: list[errors.SpecThinkError | None] = field(default_factory=list)
-    on_call: Callable[[int], None] | None = None
-    drop_delay_s: float = 0.0
-    info: EngineInfo = INFO
-    calls: list[EngineCall] = field(default_factory=list)
-    # calls that ended unfinished, by should_stop() or by the server closing the generator
-    stopped: list[tuple[str, int]] = field(default_factory=list)  # (session, tokens written)
-    finished: threading.Event = field(default_factory=threading.Event)
-    first_token: threading.Event = field(default_factory=threading.Event)
-    _held: dict[str, str] = field(default_factory=dict)  # the "KV cache": text per session
-
-    def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
-        return len(_flat(messages, assistant_text)) // 4 + 1
-
-    def _usage(self, session: str, messages: Sequence[Message], text: str, n: int) -> Usage:
-        flat = _flat(messages, text)
-        held = self._held.get(session, "")
-        common = next(
-            (i for i, (a, b) in enumerate(zip(held, flat, strict=False)) if a != b),
-            min(len(held), len(flat)),
-        )
-        prompt = len(flat) // 4 + 1
-        cached = min(prompt, common // 4)
-        return Usage(prompt, cached, prompt - cached, n)
-
-    def generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: Callable[[], bool],
-    ) -> Iterator[TextChunk | Generated]:
-        index = len(self.calls)
-        self.calls.append(
-            EngineCall(session, tuple(messages), assistant_text, max_tokens, time.monotonic())
-        )
-        if self.on_call is not None:
-            self.on_call(index)
-        failure = self.refuse.pop(0) if self.refuse else None
-        if failure is not None:
-            raise failure
-        written, finish, n = "", FINISH_LENGTH, 0
-        try:
-            for i in range(max_tokens):
-                while self.gate is not None and not self.gate.wait(0.01):
-                    if should_stop():
-                        break
-                if should_stop():
-                    raise EngineCancelled()
-                time.sleep(self.token_delay_s)
-                token = self.tokens[i % len(self.tokens)]
-                written += token
-                n += 1
-                yield TextChunk(token, 1)
-                self.first_token.set()
-                if self.end_after is not None and i + 1 >= self.end_after:
-                    finish = FINISH_STOP
-                    break
-        except (EngineCancelled, GeneratorExit):
-            # should_stop() said so, or the server stopped pulling (the call is gone)
-            self.stopped.append((session, n))
-            raise
-        usage = self._usage(session, messages, assistant_text, n)
-        self._held[session] = _flat(messages, assistant_text + written)
-        self.finished.set()
-        yield Generated(finish, usage, 0.0, 0.0, written)
-
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: Callable[[], bool],
-    ) -> Prefilled:
-        usage = self._usage(session, messages, assistant_text, 0)
-        self._held[session] = _flat(messages, assistant_text)
-        return Prefilled(usage, 0.0)
-
-    def drop(self, session: str) -> bool:
-        time.sleep(self.drop_delay_s)
-        return self._held.pop(session, None) is not None
-
-    def cache_stats(self) -> CacheStats:
-        return CacheStats(len(self._held), 0, 0, 0, 0)
-
-
-def _flat(messages: Sequence[Message], text: str) -> str:
-    return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>" + text
+def ScriptedEngine(**options: Any) -> HarnessEngine:
+    """The cloud harness's scripted engine, writing a paragraph per two tokens by default."""
+    options.setdefault("tokens", ("Step one.", "\n\n"))
+    return HarnessEngine(**options)
 
 
 @contextmanager
-def serving(engine: ScriptedEngine, port: int = 0, **options: Any) -> Iterator[CloudServer]:
+def serving(engine: HarnessEngine, port: int = 0, **options: Any) -> Iterator[CloudServer]:
     """A started CloudServer on 127.0.0.1 around `engine`."""
     server = CloudServer(
         engine, ServerOptions(host="127.0.0.1", port=port, drain_grace_s=1.0, **options)
@@ -545,7 +432,7 @@ def test_local_only_never_contacts_the_cloud(smollm2: Path, tmp_path: Path) -> N
 
 
 def _interrupted_ask(
-    engine: ScriptedEngine, server: CloudServer, tmp_path: Path, *extra: str
+    engine: HarnessEngine, server: CloudServer, tmp_path: Path, *extra: str
 ) -> subprocess.Popen[str]:
     proc = edge_process(
         "ask",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from cloud.engine_api import (
     ShouldStop,
 )
 from cloud.server import CloudServer, ServerOptions
+from shared import errors
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
@@ -52,24 +53,47 @@ class EngineEvent:
 
 
 @dataclass
+class EngineCall:
+    session: str
+    messages: tuple[Message, ...]
+    assistant_text: str
+    max_tokens: int
+    at: float
+
+
+@dataclass
 class ScriptedEngine:
-    """Writes `tokens` cyclically, one per decode step."""
+    """Implements `cloud.engine_api.Engine` with no model: writes `tokens` cyclically, one
+    per decode step, checking should_stop() where the real engine does.
+
+    `gate`: decoding waits for it (polling should_stop); `refuse`: errors raised by the
+    next calls instead of writing (None: write); `on_call`: run at the start of each call
+    (with its index); `drop_delay_s`: EndSession takes this long. The "KV cache" is the
+    flattened text per session, so cached tokens follow the common prefix like the real one.
+    """
 
     tokens: Sequence[str] = ("Hello", " there", ",", " friend", ".")
     token_delay_s: float = 0.0
     prefill_chunks: int = 0
     prefill_delay_s: float = 0.0
     end_after: int | None = None  # end of sequence after this many tokens
-    gate: threading.Event | None = None  # decoding waits for it (polling should_stop)
+    gate: threading.Event | None = None
+    refuse: list[errors.SpecThinkError | None] = field(default_factory=list)
+    on_call: Callable[[int], None] | None = None
+    drop_delay_s: float = 0.0
     info: EngineInfo = INFO
     events: list[EngineEvent] = field(default_factory=list)
-    calls: list[tuple[str, str, int]] = field(default_factory=list)
+    calls: list[EngineCall] = field(default_factory=list)
+    # calls that ended unfinished, by should_stop() or by the server closing the generator
+    stopped: list[tuple[str, int]] = field(default_factory=list)  # (session, tokens written)
     dropped: list[str] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
+    first_token: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    _held: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _hits: int = 0
     _misses: int = 0
-    _seen: set[str] = field(default_factory=set)
 
     def _record(self, kind: str, session: str, detail: Any = None) -> None:
         with self._lock:
@@ -80,15 +104,20 @@ class ScriptedEngine:
             return [e for e in self.events if e.kind == kind and session in (None, e.session)]
 
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
-        return (sum(len(m.content) for m in messages) + len(assistant_text)) // 4 + 1
+        return len(_flat(messages, assistant_text)) // 4 + 1
 
     def _usage(self, session: str, messages: Sequence[Message], text: str, n: int) -> Usage:
-        prompt = self.count_tokens(messages, text)
+        flat = _flat(messages, text)
         with self._lock:
-            cached = prompt // 2 if session in self._seen else 0
+            held = self._held.get(session, "")
+            common = next(
+                (i for i, (a, b) in enumerate(zip(held, flat, strict=False)) if a != b),
+                min(len(held), len(flat)),
+            )
+            prompt = len(flat) // 4 + 1
+            cached = min(prompt - 1, common // 4)
             self._hits += bool(cached)
             self._misses += not cached
-            self._seen.add(session)
         return Usage(prompt, cached, prompt - cached, n)
 
     def _prefill(self, session: str, should_stop: ShouldStop) -> None:
@@ -109,13 +138,20 @@ class ScriptedEngine:
         stop: Sequence[str],
         should_stop: ShouldStop,
     ) -> Iterator[TextChunk | Generated]:
-        self.calls.append((session, assistant_text, max_tokens))
+        index = len(self.calls)
+        self.calls.append(
+            EngineCall(session, tuple(messages), assistant_text, max_tokens, time.monotonic())
+        )
+        if self.on_call is not None:
+            self.on_call(index)
+        failure = self.refuse.pop(0) if self.refuse else None
+        if failure is not None:
+            raise failure
         self._record("start", session, assistant_text)
         self.started.set()
-        finished = False
+        written, finish, n = "", FINISH_LENGTH, 0
         try:
             self._prefill(session, should_stop)
-            written, finish, n = "", FINISH_LENGTH, 0
             for i in range(max_tokens):
                 while self.gate is not None and not self.gate.wait(0.01):
                     if should_stop():
@@ -129,19 +165,24 @@ class ScriptedEngine:
                 n += 1
                 self._record("token", session, i)
                 yield TextChunk(token, 1)
+                self.first_token.set()
                 if any(s in written for s in stop):
                     finish = FINISH_STOP_STRING
                     break
                 if self.end_after is not None and i + 1 >= self.end_after:
                     finish = FINISH_STOP
                     break
-            usage = self._usage(session, messages, assistant_text, n)
-            finished = True
-            self._record("done", session, written)
-            yield Generated(finish, usage, 0.001, 0.002, written)
-        finally:
-            if not finished:
-                self._record("closed", session)
+        except (EngineCancelled, GeneratorExit):
+            # should_stop() said so, or the server stopped pulling (the call is gone)
+            self.stopped.append((session, n))
+            self._record("closed", session)
+            raise
+        usage = self._usage(session, messages, assistant_text, n)
+        with self._lock:
+            self._held[session] = _flat(messages, assistant_text + written)
+        self._record("done", session, written)
+        self.finished.set()
+        yield Generated(finish, usage, 0.001, 0.002, written)
 
     def prefill(
         self,
@@ -151,18 +192,25 @@ class ScriptedEngine:
         should_stop: ShouldStop,
     ) -> Prefilled:
         self._prefill(session, should_stop)
-        return Prefilled(self._usage(session, messages, assistant_text, 0), 0.001)
+        usage = self._usage(session, messages, assistant_text, 0)
+        with self._lock:
+            self._held[session] = _flat(messages, assistant_text)
+        return Prefilled(usage, 0.001)
 
     def drop(self, session: str) -> bool:
+        time.sleep(self.drop_delay_s)
         self.dropped.append(session)
         with self._lock:
-            existed = session in self._seen
-            self._seen.discard(session)
-        return existed
+            return self._held.pop(session, None) is not None
 
     def cache_stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(len(self._seen), 1000 * len(self._seen), self._hits, self._misses, 0)
+            held = len(self._held)
+            return CacheStats(held, 1000 * held, self._hits, self._misses, 0)
+
+
+def _flat(messages: Sequence[Message], text: str) -> str:
+    return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>" + text
 
 
 @contextmanager

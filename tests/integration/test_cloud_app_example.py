@@ -24,7 +24,7 @@ def test_app_example_streams_a_full_takeover_then_a_delta(tmp_path: Path) -> Non
         answer = ask(server.address, "Why is the sky blue?", api_key=KEY, max_tokens=3)
     assert answer == "Light scatters.\n\nIn short:Light scatters."
     # the second call sent only the delta: the engine saw the whole text, as committed
-    assert engine.calls[1][1] == "Light scatters.\n\nIn short:"
+    assert engine.calls[1].assistant_text == "Light scatters.\n\nIn short:"
     assert len(engine.dropped) == 1  # EndSession
 
 

@@ -205,7 +205,8 @@ def test_random_takeovers_get_proper_statuses_and_never_cross_keys(
     for key, req, form in calls:
         _takeover(world, key, req, form)
     # isolation: every text the engine saw for a key's session holds only that key's mark
-    for session, assistant_text, _ in world.engine.calls:
+    for call in world.engine.calls:
+        session, assistant_text = call.session, call.assistant_text
         owner = session.split("/", 1)[0]
         for k, mark in MARK.items():
             if mark in assistant_text:

@@ -162,12 +162,6 @@ def ends_paragraph(text: str) -> bool:
     return text.endswith(PARAGRAPH_BREAK)
 
 
-def cut_after_break(text: str, start: int = 0) -> int | None:
-    """Index just past the first paragraph break that ends at or after `start`, if any."""
-    at = text.find(PARAGRAPH_BREAK, max(0, start - len(PARAGRAPH_BREAK) + 1))
-    return None if at < 0 else at + len(PARAGRAPH_BREAK)
-
-
 def _count(text: str, keywords: tuple[str, ...]) -> tuple[int, str | None]:
     """Lower-cased substring counts, and the keyword that appears first in the text."""
     lowered = text.lower()

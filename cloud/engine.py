@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
 from cloud.engine_api import (
     CacheStats,
     Engine,
@@ -345,30 +346,32 @@ class TransformersEngine:
         *,
         context_length: int | None = None,
         num_threads: int | None = None,
+        dtype: str = "auto",
     ) -> TransformersEngine:
         """Load a Hugging Face folder, hub id or `.gguf` file (converted once, then cached).
 
         Raises ValueError with a one-line message for an unknown path, a file that is not
-        a model, an unreachable hub id, or an unavailable device.
+        a model, an unreachable hub id, an unavailable device or an unknown dtype.
+        `dtype` is auto, bfloat16, float16 or float32 (see `cloud.dtypes.resolve_dtype`).
         """
         t0 = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         dev = pick_device(device)
-        dtype = _DTYPES[dev.type]
+        weights = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         source, converted, model_obj, tokenizer = _resolve(model, cache_dir)
         if model_obj is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source)
-                model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+                model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=weights)
             except OSError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(
                     f"{model}: cannot load (hub unreachable or not a model?): {first}"
                 ) from e
         else:
-            model_obj = model_obj.to(dtype)
+            model_obj = model_obj.to(weights)
         model_obj = model_obj.to(dev).eval()
         engine = cls(
             model_obj,

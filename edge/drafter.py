@@ -136,7 +136,13 @@ class LlamaDrafter:
             self.counters.last_evaluated = n
 
     def draft(
-        self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
+        self,
+        messages: Sequence[Message],
+        text: str,
+        max_tokens: int,
+        sampling: Sampling,
+        *,
+        uncertainty: bool = False,
     ) -> Generator[DraftToken, None, None]:
         import llama_cpp
 
@@ -165,15 +171,16 @@ class LlamaDrafter:
         )
         try:
             for written, token in enumerate(generator):
+                entropy = self._last_entropy() if uncertainty else None
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    yield DraftToken("", finish=FINISH_STOP)
+                    yield DraftToken("", finish=FINISH_STOP, entropy=entropy)
                     return
                 self.counters.generated_tokens += 1
                 pending += self.llm.detokenize([token], special=False)
                 piece = _decode_complete(pending)
                 if piece is not None:
                     pending = b""
-                yield DraftToken(piece or "")
+                yield DraftToken(piece or "", entropy=entropy)
                 if written + 1 >= max_tokens:
                     return
                 if written + 1 >= room:
@@ -181,6 +188,28 @@ class LlamaDrafter:
                     return
         finally:
             generator.close()
+
+    def _last_entropy(self) -> float:
+        """Entropy (nats) of the next-token distribution the latest token was drawn from:
+        the logits llama.cpp computed last, at temperature 1, before any truncation."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.llm.n_vocab(),)
+        )
+        return entropy_of_logits(logits)
+
+
+def entropy_of_logits(logits: Any) -> float:
+    """Shannon entropy (nats) of softmax(logits), computed stably in float64."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    p = np.exp(z)
+    total = p.sum()
+    return float(np.log(total) - (p * z).sum() / total)
 
 
 def _decode_complete(data: bytes) -> str | None:

@@ -58,14 +58,22 @@ class DraftToken:
 
     text: str
     finish: str | None = None
+    entropy: float | None = None  # nats, of the distribution it was drawn from (if measured)
 
 
 class Drafter(Protocol):
     def draft(
-        self, messages: Sequence[Message], text: str, max_tokens: int, sampling: Sampling
+        self,
+        messages: Sequence[Message],
+        text: str,
+        max_tokens: int,
+        sampling: Sampling,
+        *,
+        uncertainty: bool = False,
     ) -> Generator[DraftToken, None, None]:
         """Continue the assistant `text` after `messages`; one item per token.
 
+        `uncertainty`: also measure each token's entropy (the uncertainty trigger's probe).
         The caller may stop early by closing the iterator; the next call re-tokenizes."""
         ...
 
@@ -372,7 +380,8 @@ class SpeculativeSession:
         if policy.needs_probe(config, self.state):
             probe = self._look_ahead(min(config.probe_tokens, self.remaining))
         probe_text = "".join(t.text for t in probe)
-        decision = policy.decide_at_break(config, self.state, probe_text)
+        entropies = [t.entropy for t in probe if t.entropy is not None]
+        decision = policy.decide_at_break(config, self.state, probe_text, entropies)
         if decision.writer is Writer.EDGE:
             segment = self._open_segment("edge", decision.reason)
             self._write(segment, probe_text, sum(1 for t in probe if t.finish is None))
@@ -423,7 +432,10 @@ class SpeculativeSession:
         """Draft a probe of the next paragraph, not shown until the policy keeps it."""
         probe: list[DraftToken] = []
         started = self.clock()
-        tokens = self.drafter.draft(self._messages, self.text, budget, self.options.sampling)
+        measure = {"uncertainty": True} if policy.needs_uncertainty(self.options.policy) else {}
+        tokens = self.drafter.draft(
+            self._messages, self.text, budget, self.options.sampling, **measure
+        )
         with contextlib.closing(tokens):
             text = ""
             for token in tokens:

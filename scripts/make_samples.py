@@ -1,0 +1,36 @@
+"""Write the fixed MATH-500 samples of the README's results table (run once; committed).
+
+`math500-l123-s60.jsonl`: 20 problems of each of levels 1, 2 and 3, drawn with a fixed seed
+(stratified); `math500-l123-calib.jsonl`: 15 other problems of the same levels (5 each), used
+only to choose the uncertainty trigger's thresholds, never reported. Each row keeps MATH-500's
+fields and adds `id` = its 0-based line in math500.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+DATASETS = Path(__file__).resolve().parents[1] / "edge" / "datasets"
+SEED = 20261202
+
+
+def main() -> None:
+    rows = [json.loads(line) for line in (DATASETS / "math500.jsonl").read_text().splitlines()]
+    rng = random.Random(SEED)
+    sample: list[dict] = []
+    calib: list[dict] = []
+    for level in (1, 2, 3):
+        ids = [i for i, r in enumerate(rows) if r["level"] == level]
+        drawn = rng.sample(ids, 25)
+        sample += [{"id": str(i), **rows[i]} for i in sorted(drawn[:20])]
+        calib += [{"id": str(i), **rows[i]} for i in sorted(drawn[20:])]
+    for name, chosen in (("math500-l123-s60.jsonl", sample), ("math500-l123-calib.jsonl", calib)):
+        with (DATASETS / name).open("w", encoding="utf-8") as f:
+            for row in chosen:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,14 +27,14 @@ from edge.wiring import (
     EXIT_INTERRUPTED,
     Output,
     Run,
-    _print_json,
-    _print_speeds,
     connect_cloud,
     fail,
     load_drafter,
     notice,
     policy_config,
     prepare,
+    print_json,
+    print_speeds,
     read_prompt,
     settings,
 )
@@ -184,7 +184,7 @@ def ask(
     from shared.wire import Message
 
     messages = ([Message("system", system)] if system else []) + [Message("user", run.prompt)]
-    output = Output(json_out, jsonl, mark, hide_thinking, verbose, run.transport)
+    output = Output(json_out, jsonl, mark, hide_thinking, verbose, run)
     session_id = uuid.uuid4().hex
     cloud_session = CloudSession(run.transport, session_id) if run.transport else None
     try:
@@ -194,9 +194,11 @@ def ask(
             run.transport.end_session(session_id)
             run.transport.close()
     if json_out:
-        _print_json(answer.to_json(), run.strategy, run.drafter, run.transport)
+        print_json(answer.to_json(), run)
     if verbose:
-        _print_speeds(answer, run.transport)
+        print_speeds(answer, run)
+    if run.cloud_unreachable is not None:
+        raise typer.Exit(EXIT_CLOUD_UNREACHABLE)  # said in one line when it was found
     if answer.stats.fallback and answer.stats.cloud_tokens == 0:
         fail(
             f"the cloud at {run.cfg.cloud} could not be used; the answer was written by the "
@@ -264,7 +266,7 @@ def chat(
         prefill_every=prefill_every,
     )
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    output = Output(False, jsonl, mark, hide_thinking, verbose, run.transport)
+    output = Output(False, jsonl, mark, hide_thinking, verbose, run)
     session_id = uuid.uuid4().hex
     cloud_session = CloudSession(run.transport, session_id) if run.transport else None
     opening = [Message("system", system)] if system else []
@@ -340,7 +342,7 @@ def _chat_turn(run: Run, history: list[Any], cloud_session: Any, output: Output)
             cloud_session.forget()
         return Answer(run.last_partial, "interrupted", [], Stats())
     if output.verbose:
-        _print_speeds(answer, run.transport)
+        print_speeds(answer, run)
     if answer.stats.fallback and not output.jsonl:
         notice(f"the cloud failed {answer.stats.fallbacks} time(s); written locally instead")
     return answer
@@ -355,17 +357,36 @@ def _history_text(text: str) -> str:
 # ---- eval ------------------------------------------------------------------------------
 
 
+EVAL_MAX_TOKENS = 32768  # the paper's evaluation budget
+
+
 @app.command("eval")
 def eval_(
-    dataset: Annotated[Path, typer.Argument(help="JSONL of problems (MATH-500, AIME 2024 ...).")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="math500, aime2024, math500-l123-s60 (shipped) or a JSONL file of problems."
+        ),
+    ],
     cloud: CloudOpt = None,
     model: ModelOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", help="First N problems.", min=1)] = None,
     levels: Annotated[str | None, typer.Option("--levels", help="MATH levels, e.g. 1,2.")] = None,
     strategies: Annotated[
-        str, typer.Option("--strategy", help="Comma-separated strategies.")
+        str, typer.Option("--strategy", help="Comma-separated strategies (and variant names).")
     ] = "speculative,edge,cloud",
-    max_tokens: MaxTokensOpt = None,
+    variants: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help="A named speculative run with its own knobs, NAME:KNOB=V[,KNOB=V] "
+            "(repeatable), e.g. unc-1.0:trigger=uncertainty,uncertainty_threshold=1.0.",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", help="Token budget per answer (default: the paper's 32768)."),
+    ] = None,
     temperature: TemperatureOpt = None,
     seed: SeedOpt = None,
     mode: ModeOpt = None,
@@ -385,19 +406,25 @@ def eval_(
     Results are appended per problem to OUT/results.jsonl: an interrupted run resumes."""
     from datetime import date
 
-    from edge import evaluate
+    from edge import datasets, evaluate
     from edge.session import CloudSession, SessionOptions, SpeculativeSession
+    from edge.wiring import with_mode
+    from shared import policy as policy_rules
     from shared.wire import Message, Sampling
 
+    named = _parse_variants(variants or [])
     wanted = [s.strip() for s in strategies.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in ("speculative", "edge", "cloud")]
+    wanted += [name for name in named if name not in wanted]
+    unknown = [s for s in wanted if s not in ("speculative", "edge", "cloud", *named)]
     if not wanted or unknown:
         fail(
-            f"--strategy takes speculative, edge and/or cloud, not {', '.join(unknown) or 'nothing'}"
+            "--strategy takes speculative, edge, cloud and --variant names, not "
+            f"{', '.join(unknown) or 'nothing'}"
         )
+    path = datasets.resolve(dataset)
     try:
         level_set = {int(x) for x in levels.split(",")} if levels else None
-        problems = evaluate.load_problems(dataset, level_set, limit)
+        problems = evaluate.load_problems(path, level_set, limit)
     except ValueError:
         fail(f"--levels takes comma-separated integers, not {levels!r}")
     except evaluate.EvalError as exc:
@@ -405,7 +432,7 @@ def eval_(
     cfg = settings(
         model=model,
         cloud=cloud,
-        max_tokens=max_tokens,
+        max_tokens=max_tokens or EVAL_MAX_TOKENS,
         temperature=temperature,
         seed=seed,
         mode=mode,
@@ -413,12 +440,25 @@ def eval_(
         gpu_layers=gpu_layers,
         threads=threads,
     )
-    policy = policy_config(cfg, knobs)
+    choice = policy_config(cfg, knobs)
     needs_cloud = any(s != "edge" for s in wanted)
     if needs_cloud and not cfg.cloud:
-        fail("strategies speculative and cloud need a cloud: pass --cloud HOST:PORT")
+        fail("strategies other than edge need a cloud: pass --cloud HOST:PORT")
     transport, _ = connect_cloud(cfg, "speculative", local_only=not needs_cloud)
     drafter = load_drafter(cfg) if any(s != "cloud" for s in wanted) else None
+    base_policy, mode_reason = with_mode(choice, drafter)
+    notice(f"mode {mode_reason}")
+    policies = {"speculative": base_policy}
+    try:
+        for name, overrides in named.items():
+            policies[name] = policy_rules.config_from_mapping(overrides, base_policy)
+    except policy_rules.PolicyConfigError as exc:
+        fail(f"--variant {name}: {exc}")
+    budget = cfg.max_tokens
+    n_ctx = getattr(drafter, "n_ctx", None)
+    if n_ctx and budget > n_ctx:
+        notice(f"token budget {budget} capped to the edge model's context ({n_ctx})")
+        budget = n_ctx
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
     )
@@ -427,7 +467,10 @@ def eval_(
         session_id = uuid.uuid4().hex
         cloud_session = CloudSession(transport, session_id) if strategy != "edge" else None
         options = SessionOptions(
-            strategy=strategy, max_tokens=cfg.max_tokens, sampling=sampling, policy=policy
+            strategy=strategy if strategy in ("edge", "cloud") else "speculative",
+            max_tokens=budget,
+            sampling=sampling,
+            policy=policies.get(strategy, base_policy),
         )
         loop = SpeculativeSession(drafter, cloud_session, options)  # type: ignore[arg-type]
         try:
@@ -436,21 +479,22 @@ def eval_(
             if cloud_session is not None:
                 transport.end_session(session_id)
 
-    out_dir = out or Path("eval-results") / dataset.stem
+    out_dir = out or Path("eval-results") / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
-        "dataset": dataset.name,
+        "dataset": path.name,
         "levels": sorted(level_set) if level_set else None,
         "limit": limit,
         "strategies": wanted,
-        "max_tokens": cfg.max_tokens,
-        "mode": cfg.mode,
+        "max_tokens": budget,
+        "mode": str(base_policy.mode),
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,
         "seed": cfg.seed,
         "edge_model": str(getattr(drafter, "path", "")),
-        "policy": {k: v for k, v in vars(policy).items() if k != "mode"},
+        "policy": {k: v for k, v in vars(base_policy).items() if k != "mode"},
+        "variants": named,
     }
     rows: list[Any] = []
     interrupted = False
@@ -475,7 +519,7 @@ def eval_(
     typer.echo(evaluate.format_table(summaries))
     evaluate.write_report(summaries, rows, out_dir / "report.json", run_config=run_config)
     evaluate.plot(
-        summaries, out_dir / "tradeoff.png", dataset=dataset.stem, date=date.today().isoformat()
+        summaries, out_dir / "tradeoff.png", dataset=path.stem, date=date.today().isoformat()
     )
     notice(
         f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
@@ -484,6 +528,26 @@ def eval_(
     if interrupted:
         notice("interrupted: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """--variant NAME:KNOB=V[,KNOB=V] -> {NAME: {KNOB: V}} (values checked later)."""
+    from edge.wiring import _knob_value
+
+    named: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        name = name.strip()
+        if not sep or not name or name in ("speculative", "edge", "cloud") or name in named:
+            fail(f"--variant takes NAME:KNOB=VALUE[,KNOB=VALUE] with a new name, not {spec!r}")
+        knobs: dict[str, Any] = {}
+        for pair in body.split(","):
+            key, eq, value = pair.partition("=")
+            if not eq or not key.strip():
+                fail(f"--variant {name}: expected KNOB=VALUE, got {pair!r}")
+            knobs[key.strip()] = _knob_value(value.strip())
+        named[name] = knobs
+    return named
 
 
 def main() -> None:

@@ -270,8 +270,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("top_p", FLOAT, 0.95, "SPECTHINK_TOP_P", _between(0, 1, lo_open=True), "nucleus sampling"),
     S("top_k", INT, 50, "SPECTHINK_TOP_K", _between(0, 1000), "top-k sampling (0 = off)"),
     S("seed", INT, None, "SPECTHINK_SEED", _between(0, 2**32 - 1), "sampling seed"),
-    S("mode", _choice("reasoning", "non-reasoning"), "reasoning", "SPECTHINK_MODE", None,
-      "whether the model thinks before answering"),
+    S("mode", _choice("auto", "reasoning", "non-reasoning"), "auto", "SPECTHINK_MODE", None,
+      "reasoning or not (auto: what fits the model)"),
     S("strategy", _choice("speculative", "edge", "cloud"), "speculative", "SPECTHINK_STRATEGY",
       None, "who writes the answer"),
     S("policy_file", PATH, None, "SPECTHINK_POLICY_FILE", None, "takeover policy overrides"),
@@ -316,7 +316,7 @@ class EffectiveConfig:
     top_p: float
     top_k: int
     seed: int | None
-    mode: Literal["reasoning", "non-reasoning"]
+    mode: Literal["auto", "reasoning", "non-reasoning"]
     strategy: Literal["speculative", "edge", "cloud"]
     policy_file: str | None
     gpu_layers: int

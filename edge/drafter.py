@@ -10,6 +10,7 @@ counts them).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class DraftCounters:
     evaluated_prompt_tokens: int = 0  # of those, evaluated (not found in the KV cache)
     generated_tokens: int = 0
     last_evaluated: int = 0  # evaluated prompt tokens of the latest call
+    prompt_eval_s: float = 0.0  # time spent evaluating those prompt tokens
 
 
 def check_gguf(path: Path) -> None:
@@ -73,8 +75,11 @@ class LlamaDrafter:
 
         class _CountingLlama(Llama):  # type: ignore[misc]
             def eval(self, tokens: Sequence[int]) -> None:
-                drafter._on_eval(len(tokens))
+                prompt = drafter._on_eval(len(tokens))
+                started = time.perf_counter()
                 super().eval(tokens)
+                if prompt:
+                    drafter.counters.prompt_eval_s += time.perf_counter() - started
 
         try:
             self.llm = _CountingLlama(
@@ -88,6 +93,7 @@ class LlamaDrafter:
         except Exception as exc:  # llama.cpp says little more than "failed to load"
             raise DrafterError(f"llama.cpp could not load {path}: {exc}") from None
         self.path = path
+        self.load_s = 0.0  # set by whoever timed the load
         self.counters = DraftCounters()
         self._first_eval_pending = False
         self._template = self._chat_template()
@@ -112,6 +118,18 @@ class LlamaDrafter:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
+    @property
+    def chat_template_text(self) -> str | None:
+        """The model's Jinja chat template as its GGUF carries it."""
+        return self.llm.metadata.get("tokenizer.chat_template") or None
+
+    @property
+    def model_names(self) -> list[str]:
+        """What the model calls itself (GGUF general.name / basename) and its file name."""
+        meta = self.llm.metadata
+        names = [meta.get("general.name", ""), meta.get("general.basename", ""), self.path.stem]
+        return [n for n in names if n]
+
     def render(self, messages: Sequence[Message]) -> str:
         if self._template is None:
             return plain_prompt(messages)
@@ -129,11 +147,14 @@ class LlamaDrafter:
 
     # -- drafting --
 
-    def _on_eval(self, n: int) -> None:
+    def _on_eval(self, n: int) -> bool:
+        """Count the prompt tokens a draft call evaluates; True for that (first) eval."""
         if self._first_eval_pending:
             self._first_eval_pending = False
             self.counters.evaluated_prompt_tokens += n
             self.counters.last_evaluated = n
+            return True
+        return False
 
     def draft(
         self,

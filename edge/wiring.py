@@ -46,22 +46,63 @@ def settings(**flags: Any) -> EffectiveConfig:
         fail(str(exc))
 
 
-def policy_config(cfg: EffectiveConfig, knobs: list[str] | None) -> Any:
+@dataclass(frozen=True)
+class PolicyChoice:
+    """The policy knobs as given, and where the mode comes from (None: `--mode auto`,
+    decided by `with_mode` once the model is loaded)."""
+
+    config: Any  # shared.policy.PolicyConfig
+    mode_source: str | None
+
+
+def policy_config(cfg: EffectiveConfig, knobs: list[str] | None) -> PolicyChoice:
+    """Policy knobs from --policy FILE, then --mode, then --set (each checked, one line on
+    error). A mode from the file is honoured unless --mode (flag, env or config) names one."""
     from shared import policy
 
     try:
-        config = policy.PolicyConfig()
+        table: dict[str, Any] = {}
+        mode_source: str | None = None
         if cfg.policy_file:
-            config = policy.load_policy_file(cfg.policy_file)
-        overrides: dict[str, Any] = {"mode": cfg.mode}
+            table = policy.read_policy_file(cfg.policy_file)
+            if "mode" in table:
+                mode_source = f"set in {cfg.policy_file}"
+        config = policy.config_from_mapping(table)
+        overrides: dict[str, Any] = {}
+        if cfg.mode != "auto":
+            overrides["mode"] = cfg.mode
+            source = cfg.source("mode")
+            mode_source = "--mode" if source == "flag" else source
+        elif cfg.source("mode") != "default":
+            mode_source = None  # an explicit `auto` beats the file
         for knob in knobs or []:
             key, sep, value = knob.partition("=")
             if not sep:
                 raise policy.PolicyConfigError(f"--set expects KEY=VALUE, got {knob!r}")
             overrides[key.strip()] = _knob_value(value.strip())
-        return policy.config_from_mapping(overrides, config)
+            if key.strip() == "mode":
+                mode_source = "--set mode"
+        return PolicyChoice(policy.config_from_mapping(overrides, config), mode_source)
     except policy.PolicyConfigError as exc:
         fail(str(exc))
+
+
+def with_mode(choice: PolicyChoice, drafter: Any) -> tuple[Any, str]:
+    """The policy with its mode decided, and why (for -v and --json): as given, or, under
+    `--mode auto`, the mode that fits the loaded small model."""
+    from dataclasses import replace
+
+    from shared import policy
+
+    config = choice.config
+    if choice.mode_source is not None:
+        return config, f"{config.mode} ({choice.mode_source})"
+    template = getattr(drafter, "chat_template_text", None)
+    names = getattr(drafter, "model_names", None)
+    if names is None:  # the cloud strategy loads no small model: the mode is unused
+        return config, f"{config.mode} (auto; no small model loaded)"
+    mode, why = policy.infer_mode(template, names)
+    return replace(config, mode=mode), f"{mode} (auto: {why})"
 
 
 def _knob_value(value: str) -> Any:
@@ -71,9 +112,11 @@ def _knob_value(value: str) -> Any:
         return value
 
 
-def load_drafter(cfg: EffectiveConfig) -> Any:
+def model_path(cfg: EffectiveConfig) -> str:
+    """The small model's file (the bundled default when none is given), checked cheaply
+    (exists, is GGUF) so that a bad model is the one line said before anything else."""
     from edge import bundled
-    from edge.drafter import DrafterError, LlamaDrafter
+    from edge.drafter import DrafterError, check_gguf
 
     model = cfg.model
     if model is None:
@@ -88,7 +131,21 @@ def load_drafter(cfg: EffectiveConfig) -> Any:
     else:
         model = _resolve_model_name(model)
     try:
-        return LlamaDrafter(
+        check_gguf(Path(model).expanduser())
+    except DrafterError as exc:
+        fail(str(exc))
+    return model
+
+
+def load_drafter(cfg: EffectiveConfig) -> Any:
+    import time
+
+    from edge.drafter import DrafterError, LlamaDrafter
+
+    model = model_path(cfg)
+    started = time.perf_counter()
+    try:
+        drafter = LlamaDrafter(
             model,
             context_length=cfg.context_length,
             gpu_layers=cfg.gpu_layers,
@@ -97,6 +154,8 @@ def load_drafter(cfg: EffectiveConfig) -> Any:
         )
     except DrafterError as exc:
         fail(str(exc))
+    drafter.load_s = time.perf_counter() - started
+    return drafter
 
 
 class LazyDrafter:
@@ -208,7 +267,7 @@ class Output:
     mark: str
     hide_thinking: bool
     verbose: bool
-    transport: Any
+    run: Run
 
     def sink(self) -> Any:
         from edge.render import JsonLinesRenderer, Quiet, StderrNotices, TextRenderer
@@ -216,19 +275,19 @@ class Output:
         if self.json_out:
             return StderrNotices(Quiet())
         if self.jsonl:
-            return StderrNotices(_WithRetries(JsonLinesRenderer(), self.transport))
+            return StderrNotices(_WithRunStats(JsonLinesRenderer(), self.run))
         return TextRenderer(mark=self.mark, hide_thinking=self.hide_thinking, verbose=self.verbose)
 
 
-class _WithRetries:
-    """Adds the transport's retry count to the `done` event's stats."""
+class _WithRunStats:
+    """Adds what the CLI knows (mode, retries, ...) to the `done` event's stats."""
 
-    def __init__(self, inner: Any, transport: Any) -> None:
-        self.inner, self.transport = inner, transport
+    def __init__(self, inner: Any, run: Run) -> None:
+        self.inner, self.run = inner, run
 
     def __call__(self, event: Any) -> None:
-        if event.kind == "done" and self.transport is not None:
-            event.data["stats"]["cloud_retries"] = self.transport.retries
+        if event.kind == "done":
+            report_stats(event.data["stats"], self.run)
         self.inner(event)
 
 
@@ -242,6 +301,8 @@ class Run:
     strategy: str
     options: Any
     prompt: str = ""
+    mode_reason: str = ""  # which mode runs and why (--mode auto picks by the model)
+    cloud_unreachable: str | None = None  # why a configured cloud was not used at all
     last_partial: str = ""  # the text of the latest interrupted answer (chat keeps it)
 
     def answer(self, messages: list[Any], cloud_session: Any, output: Output) -> Any:
@@ -279,7 +340,7 @@ class Run:
 
     def _end(self, output: Output, sink: Any, partial: Any, event: Any) -> None:
         if output.json_out:
-            _print_json(partial.to_json(), self.strategy, self.drafter, self.transport)
+            print_json(partial.to_json(), self)
         elif output.jsonl:
             sink(event("done", partial.to_json()))
         else:
@@ -327,11 +388,21 @@ def prepare(
         threads=threads,
     )
     text = prompt() if prompt is not None else ""
-    policy = policy_config(cfg, knobs)
+    choice = policy_config(cfg, knobs)
     cloud_only = cfg.strategy == "cloud" and bool(cfg.cloud) and not local_only
-    # bad model: fail before any notice; the cloud strategy loads it only to fall back
-    drafter = LazyDrafter(lambda: load_drafter(cfg)) if cloud_only else load_drafter(cfg)
+    if not cloud_only:
+        model_path(cfg)  # a bad model: one line, before any notice
     transport, run_strategy = connect_cloud(cfg, cfg.strategy, local_only)
+    check = start_cloud_check(cfg, transport)
+    # the cloud strategy loads the small model only to fall back
+    drafter = LazyDrafter(lambda: load_drafter(cfg)) if cloud_only else load_drafter(cfg)
+    policy, mode_reason = with_mode(choice, drafter)
+    unreachable = None
+    found = check.peek() if check is not None else None
+    if found is not None and not found.reachable and not cloud_only:
+        # known before the first token: write on this machine only (said once, by the check)
+        transport.close()
+        transport, run_strategy, unreachable = None, "edge", found.why
     options = SessionOptions(
         strategy=run_strategy,
         max_tokens=cfg.max_tokens,
@@ -341,35 +412,96 @@ def prepare(
         ),
         prefill_every=prefill_every,
     )
-    return Run(cfg, drafter, transport, run_strategy, options, text)
+    return Run(cfg, drafter, transport, run_strategy, options, text, mode_reason, unreachable)
+
+
+def start_cloud_check(cfg: EffectiveConfig, transport: Any) -> Any:
+    """Check the configured cloud in the background (while the model loads); an unreachable
+    one is said once, in one line, as soon as that is known."""
+    if transport is None or not cfg.cloud:
+        return None
+    from edge.reachability import BackgroundCheck
+
+    def said(found: Any) -> None:
+        if not found.reachable:
+            notice(f"cloud {cfg.cloud} unreachable: {found.why}; writing on this machine only")
+            transport.unreachable = found.why  # later takeovers fail at once, no retries
+
+    return BackgroundCheck(transport, cfg.cloud, cfg.connect_timeout_s, said)
 
 
 # ---- reports ---------------------------------------------------------------------------
 
 
-def _print_json(result: dict[str, Any], strategy: str, drafter: Any, transport: Any = None) -> None:
-    result["strategy"] = strategy
-    counters = getattr(drafter, "counters", None)
+def report_stats(stats: dict[str, Any], run: Run) -> dict[str, Any]:
+    """What the CLI adds to the loop's stats (--json, --jsonl): the mode and why, the edge's
+    prompt counters, retries, and a cloud that could not be used at all."""
+    stats["mode"] = str(run.options.policy.mode)
+    stats["mode_reason"] = run.mode_reason
+    counters = getattr(run.drafter, "counters", None)
     if counters is not None:
-        result["stats"]["edge_evaluated_prompt_tokens"] = counters.evaluated_prompt_tokens
-        result["stats"]["edge_prompt_tokens"] = counters.prompt_tokens
-    if transport is not None:
-        result["stats"]["cloud_retries"] = transport.retries
+        stats["edge_evaluated_prompt_tokens"] = counters.evaluated_prompt_tokens
+        stats["edge_prompt_tokens"] = counters.prompt_tokens
+    if run.transport is not None:
+        stats["cloud_retries"] = run.transport.retries
+    if run.cloud_unreachable is not None:
+        stats["fallback"] = True
+        stats["cloud_unreachable"] = run.cloud_unreachable
+    return stats
+
+
+def print_json(result: dict[str, Any], run: Run) -> None:
+    result["strategy"] = run.strategy
+    report_stats(result["stats"], run)
     typer.echo(json.dumps(result, ensure_ascii=False))
 
 
-def _print_speeds(answer: Any, transport: Any = None) -> None:
-    """-v: one line of timings and speeds on stderr."""
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:.1f} tok/s" if seconds > 0 else "- tok/s"
+
+
+def print_speeds(answer: Any, run: Run) -> None:
+    """-v: load, prompt, edge and cloud generation apart (as Ollama's --verbose), on stderr."""
     s = answer.stats
-    edge_rate = s.edge_tokens / s.edge_draft_s if s.edge_draft_s else 0.0
-    cloud_rate = s.cloud_tokens / s.cloud_wait_s if s.cloud_wait_s else 0.0
+    drafter = getattr(run.drafter, "drafter", run.drafter)  # the lazy one, once loaded
+    counters = getattr(drafter, "counters", None)
+    load_s = getattr(drafter, "load_s", None)
     total = s.edge_tokens + s.cloud_tokens
-    retries = transport.retries if transport is not None else 0
-    notice(
-        f"{total} tokens in {s.wall_s:.2f} s ({total / s.wall_s if s.wall_s else 0:.1f} tok/s), "
-        f"first token {s.ttft_s:.2f} s | edge {s.edge_tokens} tok at {edge_rate:.1f} tok/s | "
-        f"cloud {s.cloud_tokens} tok at {cloud_rate:.1f} tok/s incl. network, "
-        f"{s.takeovers} takeovers, {s.cloud_wait_s:.2f} s waiting on the cloud | "
-        f"cloud cache {s.cloud_cached_tokens} cached / {s.cloud_prefill_tokens} prefilled | "
-        f"{retries} retries, {s.full_text_resends} full-text resends, {s.fallbacks} fallbacks"
+    retries = run.transport.retries if run.transport is not None else 0
+    lines = [f"mode        {run.mode_reason}"]
+    if load_s is not None:
+        lines.append(f"load        {load_s:.2f} s (small model)")
+    if counters is not None:
+        lines.append(
+            f"prompt      {_plural(counters.evaluated_prompt_tokens, 'token')} evaluated of "
+            f"{counters.prompt_tokens} in {counters.prompt_eval_s:.2f} s "
+            f"({_rate(counters.evaluated_prompt_tokens, counters.prompt_eval_s)}); the rest "
+            "came from the KV cache"
+        )
+    edge_gen_s = max(0.0, s.edge_draft_s - (counters.prompt_eval_s if counters else 0.0))
+    lines.append(
+        f"edge        {_plural(s.edge_tokens, 'token')} in {edge_gen_s:.2f} s "
+        f"({_rate(s.edge_tokens, edge_gen_s)})"
     )
+    if run.transport is not None or s.cloud_tokens:
+        lines.append(
+            f"cloud       {_plural(s.cloud_tokens, 'token')} in {s.cloud_wait_s:.2f} s "
+            f"({_rate(s.cloud_tokens, s.cloud_wait_s)} incl. network), "
+            f"{_plural(s.takeovers, 'takeover')}; cache {s.cloud_cached_tokens} cached / "
+            f"{s.cloud_prefill_tokens} prefilled"
+        )
+        lines.append(
+            f"faults      {_plural(retries, 'retry').replace('retrys', 'retries')}, "
+            f"{_plural(s.full_text_resends, 'full-text resend')}, "
+            f"{_plural(s.fallbacks, 'fallback')}"
+        )
+    lines.append(
+        f"total       {_plural(total, 'token')} in {s.wall_s:.2f} s ({_rate(total, s.wall_s)}), "
+        f"first token after {s.ttft_s:.2f} s"
+    )
+    for line in lines:
+        notice(line)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -333,6 +334,26 @@ def continuation_keyword(written: str, keywords: tuple[str, ...] | list[str]) ->
     return min(hits)[1] if hits else None
 
 
+# ---- which mode fits a model ------------------------------------------------------------
+
+# a family name as a whole word of the model's name: DeepSeek-R1-Distill-..., QwQ-32B, ...
+_REASONING_NAME = re.compile(r"(?<![a-z0-9])(r1|qwq|reasoning|reasoner|thinking)(?![a-z0-9])")
+
+
+def infer_mode(chat_template: str | None, model_names: Sequence[str]) -> tuple[Mode, str]:
+    """The mode that fits a model (`--mode auto`), and why: reasoning when its chat template
+    has a think block or its name is of a reasoning family, else non-reasoning."""
+    if chat_template and "think>" in chat_template:
+        return Mode.REASONING, "its chat template has a <think> block"
+    for name in model_names:
+        if name and _REASONING_NAME.search(name.lower()):
+            return Mode.REASONING, f"its name {name!r} is of a reasoning family"
+    return (
+        Mode.NON_REASONING,
+        "no <think> block in its chat template, no reasoning family in its name",
+    )
+
+
 # ---- configuration -------------------------------------------------------------------
 
 _KEYWORD_KNOBS = ("affirmation_keywords", "reflection_keywords", "verification_keywords")
@@ -385,6 +406,11 @@ def config_from_mapping(
 
 def load_policy_file(path: str | Path, base: PolicyConfig | None = None) -> PolicyConfig:
     """Read a TOML policy file: knobs at the top level or under a [policy] table."""
+    return config_from_mapping(read_policy_file(path), base)
+
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The knobs a TOML policy file sets (unchecked: `config_from_mapping` checks them)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -395,4 +421,4 @@ def load_policy_file(path: str | Path, base: PolicyConfig | None = None) -> Poli
         raise PolicyConfigError(f"policy file {path} is not valid TOML: {exc}") from None
     if isinstance(table.get("policy"), dict):
         table = table["policy"]
-    return config_from_mapping(table, base)
+    return table

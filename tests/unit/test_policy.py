@@ -329,3 +329,33 @@ def test_uncertainty_knobs_from_strings():
         2.5,
         2,
     )
+
+
+R1_TEMPLATE = "{% for m in messages %}...{% endfor %}<｜Assistant｜><think>\n"
+R1_OLD_TEMPLATE = "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "names", "mode", "why"),
+    [
+        (R1_TEMPLATE, ["x"], Mode.REASONING, "<think>"),
+        (R1_OLD_TEMPLATE, [], Mode.REASONING, "<think>"),
+        (CHATML, ["DeepSeek-R1-Distill-Qwen-1.5B"], Mode.REASONING, "reasoning family"),
+        (None, ["QwQ-32B-Preview"], Mode.REASONING, "reasoning family"),
+        (CHATML, ["SmolLM2-135M-Instruct", "smollm2"], Mode.NON_REASONING, "no <think>"),
+        (None, ["gemma-3-270m"], Mode.NON_REASONING, "no <think>"),
+        # a word that only contains a family name does not count
+        (CHATML, ["Qwen2.5-Coder-0.5B-Instruct", "r1x-chat"], Mode.NON_REASONING, "no <think>"),
+    ],
+)
+def test_auto_mode_follows_the_model(template, names, mode, why):
+    chosen, reason = policy.infer_mode(template, names)
+    assert chosen is mode
+    assert why in reason
+
+
+def test_policy_file_knobs_are_read_without_defaults(tmp_path: Path):
+    path = tmp_path / "p.toml"
+    path.write_text('[policy]\nmode = "non-reasoning"\n')
+    assert policy.read_policy_file(path) == {"mode": "non-reasoning"}

@@ -357,6 +357,22 @@ def _history_text(text: str) -> str:
 # ---- eval ------------------------------------------------------------------------------
 
 
+@app.command()
+def doctor(model: ModelOpt = None) -> None:
+    """Check that llama.cpp decodes on this CPU, and say what it was built with.
+
+    Runs a 4-token decode of the model (the bundled one by default) in a child
+    process, so a runtime that crashes is reported instead of killing this one."""
+    from edge import selfcheck
+    from edge.wiring import EXIT_RUNTIME, model_path
+
+    result = selfcheck.check_runtime(model_path(settings(model=model)))
+    typer.echo(f"llama.cpp built with: {result.system_info or 'unknown'}")
+    typer.echo(result.message)
+    if not result.ok:
+        raise typer.Exit(EXIT_RUNTIME)
+
+
 EVAL_MAX_TOKENS = 32768  # the paper's evaluation budget
 
 

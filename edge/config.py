@@ -285,6 +285,10 @@ SETTINGS: tuple[Setting, ...] = (
       "seconds to reach the cloud"),
     S("takeover_timeout_s", FLOAT, 30.0, "SPECTHINK_TAKEOVER_TIMEOUT",
       _between(0, None, lo_open=True), "seconds for one cloud takeover"),
+    S("first_chunk_timeout_s", FLOAT, 5.0, "SPECTHINK_FIRST_CHUNK_TIMEOUT", _between(0, None),
+      "seconds without a first word before asking if the cloud is alive (0 = off)"),
+    S("stall_timeout_s", FLOAT, 5.0, "SPECTHINK_STALL_TIMEOUT", _between(0, None),
+      "seconds of silence from a writing cloud before the edge goes on (0 = off)"),
     S("tls", BOOL, False, "SPECTHINK_TLS", None, "use TLS to the cloud"),
     S("tls_ca_file", PATH, None, "SPECTHINK_TLS_CA", None, "CA bundle for the cloud's cert"),
     S("tls_cert_file", PATH, None, "SPECTHINK_TLS_CERT", None, "client certificate (mTLS)"),
@@ -324,6 +328,8 @@ class EffectiveConfig:
     context_length: int
     connect_timeout_s: float
     takeover_timeout_s: float
+    first_chunk_timeout_s: float
+    stall_timeout_s: float
     tls: bool
     tls_ca_file: str | None
     tls_cert_file: str | None
@@ -573,6 +579,8 @@ def _cli_show(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     exists = "exists" if cfg.config_file_exists else "not found"
+    default_model = _bundled_default()
+    cloud = _cloud_status(cfg)
     if as_json:
         doc = {
             "config_file": str(cfg.config_file),
@@ -584,12 +592,64 @@ def _cli_show(
                 }
                 for s in SETTINGS
             },
+            "model_in_use": cfg.model or default_model,
+            "cloud_status": cloud,
         }
         typer.echo(json.dumps(doc, indent=2))
         return
     rows = [("NAME", "VALUE", "SOURCE"), *cfg.rows()]
+    if cfg.model is None and default_model:
+        shown = (f"{default_model} (bundled default)", "default")
+        rows = [("model", *shown) if row[0] == "model" else row for row in rows]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     for name, value, source in rows:
         typer.echo(f"{name:<{w0}}  {value:<{w1}}  {source}".rstrip())
     typer.echo(f"\nconfig file: {cfg.config_file} ({exists})")
+    if cloud is not None:
+        if cloud["reachable"]:
+            typer.echo(
+                f"cloud: {cfg.cloud} answers: {cloud['model_id']} ({cloud['dtype']}), "
+                f"context {cloud['context_length']}"
+            )
+        else:
+            typer.echo(f"cloud: {cfg.cloud} unreachable: {cloud['why']}")
+
+
+def client_options(cfg: EffectiveConfig) -> Any:
+    """The gRPC client's options (edge.cloud_client.ClientOptions) from the settings."""
+    from edge.cloud_client import ClientOptions
+
+    return ClientOptions(
+        address=cfg.cloud or "",
+        api_key=cfg.api_key,
+        connect_timeout_s=cfg.connect_timeout_s,
+        takeover_timeout_s=cfg.takeover_timeout_s,
+        tls=bool(cfg.tls or cfg.tls_ca_file),
+        tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+        tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
+        tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
+    )
+
+
+def _bundled_default() -> str | None:
+    from edge import bundled
+
+    path = bundled.default_edge_model()
+    return str(path) if path else None
+
+
+def _cloud_status(cfg: EffectiveConfig) -> dict[str, object] | None:
+    """Whether the configured cloud answers, and what it serves (GetModelInfo)."""
+    if not cfg.cloud:
+        return None
+    from dataclasses import asdict
+
+    from edge.cloud_client import GrpcCloud
+    from edge.reachability import check
+
+    transport = GrpcCloud(client_options(cfg))
+    try:
+        return asdict(check(transport, cfg.cloud, cfg.connect_timeout_s))
+    finally:
+        transport.close()

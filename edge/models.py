@@ -798,10 +798,15 @@ def _cli_pull(
 
 @models_app.command("list")
 def _cli_list() -> None:
-    """List installed models with their sizes."""
+    """List installed models with their sizes, and the bundled default edge model."""
+    from edge import bundled
+
     entries = list_models()
+    default = bundled.default_edge_model()
+    if default is not None:
+        entries.append(_entry(default, f"{bundled.SMOLLM2.name} (bundled default)"))
     if not entries:
-        typer.echo(f"no models in {models_dir()}", err=True)
+        typer.echo(f"no models in {models_dir()} and no bundled default", err=True)
         return
     width = max(len("NAME"), *(len(e.name) for e in entries))
     typer.echo(f"{'NAME':<{width}}  {'SIZE':>10}  MODIFIED")

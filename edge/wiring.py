@@ -200,19 +200,10 @@ def connect_cloud(cfg: EffectiveConfig, strategy: str, local_only: bool) -> tupl
             fail("--strategy cloud needs a cloud: pass --cloud HOST:PORT or set SPECTHINK_CLOUD")
         notice("no cloud configured (--cloud or SPECTHINK_CLOUD): running edge-only")
         return None, "edge"
-    from edge.cloud_client import ClientOptions, GrpcCloud
+    from edge.cloud_client import GrpcCloud
+    from edge.config import client_options
 
-    tls = bool(cfg.tls or cfg.tls_ca_file)
-    options = ClientOptions(
-        address=cfg.cloud,
-        api_key=cfg.api_key,
-        connect_timeout_s=cfg.connect_timeout_s,
-        takeover_timeout_s=cfg.takeover_timeout_s,
-        tls=tls,
-        tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
-        tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
-        tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
-    )
+    options = client_options(cfg)
     try:
         return GrpcCloud(options, notify=notice), strategy
     except OSError as exc:
@@ -411,6 +402,7 @@ def prepare(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
         ),
         prefill_every=prefill_every,
+        think_prefix=getattr(drafter, "think_prefix", ""),  # not loaded (cloud strategy): ""
     )
     return Run(cfg, drafter, transport, run_strategy, options, text, mode_reason, unreachable)
 

@@ -38,16 +38,32 @@ from edge.wiring import (
     read_prompt,
     settings,
 )
+from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, VERSION_HELP, version_callback
 
 app = typer.Typer(
     help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
     "takes over where it reflects.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    context_settings=CONTEXT_SETTINGS,
+    **TYPER_SETTINGS,
 )
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help=VERSION_HELP,
+            is_eager=True,
+            callback=version_callback("specthink-edge"),
+        ),
+    ] = False,
+) -> None:
+    """SpecThink edge: a small model on this machine reasons; a large one in the cloud
+    takes over where it reflects."""
 
 
 # ---- shared options -------------------------------------------------------------------
@@ -68,7 +84,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
 ModeOpt = Annotated[
     str | None,
     typer.Option(
-        "--mode", help="reasoning or non-reasoning (a small model that never says 'Wait')."
+        "--mode",
+        help="auto (default: what fits the model), reasoning, or non-reasoning (a small "
+        "model that never says 'Wait').",
     ),
 ]
 StrategyOpt = Annotated[

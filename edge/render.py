@@ -9,6 +9,7 @@ event sinks of the session loop.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import IO, Any
 from edge.session import Event
 
 CLOUD_STYLE = "\x1b[36m"  # cyan: text written by the large model
+CLOUD_LEGEND = "text in cyan was written by the cloud's large model"
 THINK_STYLE = "\x1b[2m"  # dim: reasoning
 RESET = "\x1b[0m"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -87,8 +89,8 @@ class TextRenderer:
         self.err = err or sys.stderr
         if mark not in MARKS:
             raise ValueError(f"mark must be one of {', '.join(MARKS)}")
-        if mark == "auto":
-            mark = "color" if _isatty(self.out) else "none"
+        if mark == "auto":  # colour on a terminal, unless NO_COLOR is set (no-color.org)
+            mark = "color" if _isatty(self.out) and not os.environ.get("NO_COLOR") else "none"
         self.color = mark == "color"
         self.brackets = mark == "brackets"
         self._source = ""  # whose text the brackets are open for
@@ -101,6 +103,7 @@ class TextRenderer:
         self.wrote_any = False
         self._closed = False
         self._told: set[str] = set()
+        self._cloud_wrote = False
         show_spinner = _isatty(self.err) if spinner is None else spinner
         self.spinner = Spinner(self.err) if show_spinner else None
 
@@ -110,6 +113,7 @@ class TextRenderer:
         if event.kind == "segment":
             self._switch(event.data["source"])
         elif event.kind == "text":
+            self._cloud_wrote |= event.data["source"] == "cloud"
             self._text(event.data["source"], event.data["text"])
         elif event.kind == "fallback" and event.data.get("error") not in self._told:
             self._told.add(event.data.get("error", ""))  # each kind of failure said once
@@ -118,6 +122,10 @@ class TextRenderer:
             self.notice(f"[takeover {event.data['reason']}, {event.data['tokens']} tokens]")
         elif event.kind == "done":
             self.close()
+            if self.color and self._cloud_wrote:
+                self.notice(f"specthink-edge: {CLOUD_LEGEND}")
+            if event.data.get("finish_reason") == "length":
+                self.notice("specthink-edge: the answer was cut at the token budget (--max-tokens)")
 
     def close(self) -> None:
         """End the answer: flush held-back text, close marks, end the line. Idempotent,
@@ -252,6 +260,7 @@ class StderrNotices:
         self.inner = inner
         self.err = err or sys.stderr
         self._told: set[str] = set()
+        self._cloud_wrote = False
 
     def __call__(self, event: Event) -> None:
         if event.kind == "fallback" and event.data.get("error") not in self._told:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,16 +145,27 @@ def load_drafter(cfg: EffectiveConfig) -> Any:
 
     model = model_path(cfg)
     started = time.perf_counter()
-    try:
-        drafter = LlamaDrafter(
-            model,
-            context_length=cfg.context_length,
-            gpu_layers=cfg.gpu_layers,
-            threads=cfg.threads or auto_threads(),  # what `config show` says
-            seed=cfg.seed,
-        )
-    except DrafterError as exc:
-        fail(str(exc))
+    loaded: dict[str, Any] = {}
+
+    def load() -> None:  # on a thread: llama.cpp's loader does not see Ctrl-C, we do
+        try:
+            loaded["drafter"] = LlamaDrafter(
+                model,
+                context_length=cfg.context_length,
+                gpu_layers=cfg.gpu_layers,
+                threads=cfg.threads or auto_threads(),  # what `config show` says
+                seed=cfg.seed,
+            )
+        except DrafterError as exc:
+            loaded["error"] = exc
+
+    loader = threading.Thread(target=load, name="load-model", daemon=True)
+    loader.start()
+    while loader.is_alive():
+        loader.join(0.05)  # interruptible: Ctrl-C while loading exits at once
+    if "error" in loaded:
+        fail(str(loaded["error"]))
+    drafter = loaded["drafter"]
     drafter.load_s = time.perf_counter() - started
     return drafter
 
@@ -313,7 +325,10 @@ class Run:
             partial = loop.answer_so_far("interrupted")
             self.last_partial = partial.text
             self._end(output, sink, partial, Event)
-            notice("interrupted; the partial answer is kept")
+            if partial.text:
+                notice("interrupted; the partial answer is kept")
+            else:
+                notice("interrupted before any text was written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except CloudRefused as refused:
             self._end(output, sink, refused.answer, Event)

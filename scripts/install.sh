@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp_key=$(cat pyproject.toml scripts/install.sh scripts/llama_build.sh scripts/demo_models.py edge/bundled.py \
+stamp_key=$(cat pyproject.toml scripts/install.sh scripts/llama_build.sh scripts/demo_models.py edge/bundled.py edge/selfcheck.py \
   | sha256sum | cut -c1-16)
 stamp=.venv/.installed-$stamp_key
 if [ -f "$stamp" ]; then exit 0; fi

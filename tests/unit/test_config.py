@@ -32,6 +32,8 @@ SAMPLES: dict[str, tuple[object, str, str, object]] = {
     "context_length": (1024, "2048", "4096", 4096),
     "connect_timeout_s": (1.5, "2.5", "3.5", 3.5),
     "takeover_timeout_s": (10.0, "20.0", "40.0", 40.0),
+    "first_chunk_timeout_s": (1.0, "2.0", "3.0", 3.0),
+    "stall_timeout_s": (4.0, "6.0", "7.0", 7.0),
     "tls": (True, "yes", "true", True),
     "tls_ca_file": ("/flag/ca.pem", "/env/ca.pem", '"/file/ca.pem"', "/file/ca.pem"),
     "tls_cert_file": ("/flag/c.pem", "/env/c.pem", '"/file/c.pem"', "/file/c.pem"),
@@ -41,7 +43,8 @@ SAMPLES: dict[str, tuple[object, str, str, object]] = {
 EXPECTED_FROM_ENV: dict[str, object] = {
     "max_tokens": 200, "temperature": 0.2, "top_p": 0.6, "top_k": 20, "seed": 2,
     "gpu_layers": 8, "threads": 4, "context_length": 2048, "connect_timeout_s": 2.5,
-    "takeover_timeout_s": 20.0, "tls": True,
+    "takeover_timeout_s": 20.0, "first_chunk_timeout_s": 2.0, "stall_timeout_s": 6.0,
+    "tls": True,
 }  # fmt: skip
 # Settings that cannot be set alone: the companion is given as a flag.
 COMPANION = {"tls_cert_file": "tls_key_file", "tls_key_file": "tls_cert_file"}
@@ -49,9 +52,10 @@ COMPANION = {"tls_cert_file": "tls_key_file", "tls_key_file": "tls_cert_file"}
 ENV_VAR = {s.name: s.env for s in SETTINGS}
 DEFAULTS = {
     "cloud": None, "api_key": None, "model": None, "max_tokens": 2048, "temperature": 0.6,
-    "top_p": 0.95, "top_k": 50, "seed": None, "mode": "reasoning", "strategy": "speculative",
+    "top_p": 0.95, "top_k": 50, "seed": None, "mode": "auto", "strategy": "speculative",
     "policy_file": None, "threads": None, "context_length": 8192, "connect_timeout_s": 3.0,
-    "takeover_timeout_s": 30.0, "tls": False, "tls_ca_file": None, "tls_cert_file": None,
+    "takeover_timeout_s": 30.0, "first_chunk_timeout_s": 5.0, "stall_timeout_s": 5.0,
+    "tls": False, "tls_ca_file": None, "tls_cert_file": None,
     "tls_key_file": None, "models_dir": None,
 }  # fmt: skip
 
@@ -217,7 +221,7 @@ def test_unknown_flag_name_is_a_programming_error(tmp_path: Path) -> None:
         ("SPECTHINK_GPU_LAYERS", "-2", "gpu_layers must be >= -1"),
         ("SPECTHINK_CONNECT_TIMEOUT", "0", "connect_timeout_s must be > 0"),
         ("SPECTHINK_TAKEOVER_TIMEOUT", "inf", "takeover_timeout_s must be > 0"),
-        ("SPECTHINK_MODE", "fast", "mode must be one of reasoning, non-reasoning"),
+        ("SPECTHINK_MODE", "fast", "mode must be one of auto, reasoning, non-reasoning"),
         ("SPECTHINK_STRATEGY", "both", "strategy must be one of speculative, edge, cloud"),
         ("SPECTHINK_TLS", "maybe", "tls must be one of 1/0/true/false/yes/no"),
     ],
@@ -316,7 +320,7 @@ def test_unknown_file_key_is_rejected_with_a_suggestion(tmp_path: Path, text: st
         ('tls = "yes"', "tls must be true or false"),
         ("cloud = 50051", "cloud must be a string"),
         ("top_p = 0.0", "top_p must be in (0, 1]"),
-        ('mode = "fast"', "mode must be one of reasoning, non-reasoning"),
+        ('mode = "fast"', "mode must be one of auto, reasoning, non-reasoning"),
     ],
 )
 def test_file_errors_name_the_file_and_key(tmp_path: Path, line: str, problem: str) -> None:

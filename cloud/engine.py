@@ -58,7 +58,7 @@ from cloud.engine_api import (
     Prefilled,
     ShouldStop,
 )
-from shared.prompting import plain_prompt
+from shared.prompting import join_prompt, plain_prompt
 from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
@@ -404,15 +404,17 @@ class TransformersEngine:
         return frozenset(ids)
 
     def render(self, messages: Sequence[Message], assistant_text: str) -> str:
-        """The prompt string: chat template + assistant text, or the plain format above."""
+        """The prompt string: chat template (or the plain format above) joined to the
+        assistant text by `join_prompt`: the text, not the template's revision, says whether
+        the answer is inside a think block."""
         if self.info.chat_template:
             head = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            return str(head) + assistant_text
-        return plain_prompt(messages) + assistant_text
+            return join_prompt(str(head), assistant_text)
+        return join_prompt(plain_prompt(messages), assistant_text)
 
     def tokenize(self, messages: Sequence[Message], assistant_text: str) -> list[int]:
         text = self.render(messages, assistant_text)

@@ -432,6 +432,13 @@ def eval_(
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard earlier results in --out.")
     ] = False,
+    allow_mixed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mixed",
+            help="Resume results written by another cloud or edge model (rows name theirs).",
+        ),
+    ] = False,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -505,6 +512,7 @@ def eval_(
             max_tokens=budget,
             sampling=sampling,
             policy=policies.get(strategy, base_policy),
+            think_prefix=getattr(drafter, "think_prefix", ""),
         )
         loop = SpeculativeSession(drafter, cloud_session, options)  # type: ignore[arg-type]
         try:
@@ -529,6 +537,7 @@ def eval_(
         "edge_model": str(getattr(drafter, "path", "")),
         "policy": {k: v for k, v in vars(base_policy).items() if k != "mode"},
         "variants": named,
+        **_model_pair(transport, drafter),
     }
     rows: list[Any] = []
     interrupted = False
@@ -541,6 +550,7 @@ def eval_(
             progress=sys.stderr.isatty(),
             run_config=run_config,
             restart=restart,
+            allow_mixed=allow_mixed,
         )
     except evaluate.EvalInterrupted as stop:
         rows, interrupted = stop.rows, True
@@ -562,6 +572,23 @@ def eval_(
     if interrupted:
         notice("interrupted: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _model_pair(transport: Any, drafter: Any) -> dict[str, str | None]:
+    """Which models answer (kept in the results header): the cloud's model id, asked of the
+    cloud, and the SHA-256 of the edge model's file."""
+    from edge import evaluate
+    from shared import errors
+
+    cloud_model = None
+    if transport is not None:
+        try:
+            cloud_model = transport.model_info().model_id
+        except errors.SpecThinkError as exc:
+            fail(f"the cloud did not say which model it serves ({exc.message})")
+    path = getattr(drafter, "path", None)
+    edge_sha = evaluate.file_sha256(path) if path else None
+    return {"cloud_model": cloud_model, "edge_model_sha256": edge_sha}
 
 
 def _parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:

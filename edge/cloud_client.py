@@ -6,10 +6,22 @@ the session loop decides what to do by name: FAILED_PRECONDITION is resent with 
 text by `CloudSession`, retryable errors are retried here before any text arrived, and
 what still fails is written locally by the loop.
 
-Two clocks bound the wait on a cloud: the connect timeout (reaching it at all, a few
-seconds) and the takeover budget for a whole takeover, every attempt, backoff and connect
-of it: the takeover timeout plus `per_token_timeout_s` for each token it may write. A takeover that runs out of it ends in
-DEADLINE_EXCEEDED (or UNAVAILABLE) and the loop writes the stretch locally.
+Clocks that bound the wait on a cloud:
+
+- the connect timeout: reaching it at all (a few seconds);
+- the takeover budget, for a whole takeover, every attempt, backoff and connect of it:
+  the takeover timeout plus `per_token_timeout_s` for each token it may write; a takeover
+  that runs out of it ends in DEADLINE_EXCEEDED (or UNAVAILABLE);
+- the stall watch (`StallWatch`), for a cloud that stops talking without closing the
+  connection (a paused process, a stuck device, a silent network drop): once it writes,
+  a gap of more than the stall timeout between chunks cancels the call; before its first
+  chunk, after the first-chunk timeout a liveness check (GetModelInfo) asks whether it is
+  there at all: one that answers is queueing or prefilling and is waited for (within the
+  budget), one that does not is given up. Both timeouts are floors that grow with the
+  cloud's measured time per token (`CloudPace`). A stall ends in `errors.Stalled`, is not
+  retried, and opens the circuit breaker at once.
+
+Whatever fails, the loop writes the stretch locally.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import grpc
 
@@ -50,6 +63,14 @@ class ClientOptions:
     # ... plus this much per token the takeover may write: a 225-token verification
     # continuation on a slow cloud must not be cut off by a budget sized for 20 tokens
     per_token_timeout_s: float = 0.5
+    # a cloud that stops talking is noticed by these (seconds; 0 = off), not by the budget:
+    # no first chunk for first_chunk_timeout_s and no answer to a liveness check within
+    # liveness_timeout_s, or no chunk for stall_timeout_s once it writes. Both grow to
+    # stall_factor x the cloud's measured seconds per token when that is longer.
+    first_chunk_timeout_s: float = 5.0
+    stall_timeout_s: float = 5.0
+    stall_factor: float = 20.0
+    liveness_timeout_s: float = 2.0
     tls: bool = False
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -146,6 +167,95 @@ class CircuitBreaker:
         with self._lock:
             self._probing = False
 
+    def trip(self) -> None:
+        """Open now, whatever the count: the cloud is known to be unusable (it froze in the
+        middle of a call). A probe that froze waits twice as long, as a failed probe does."""
+        with self._lock:
+            probe, self._probing = self._probing, False
+            self._consecutive = max(self._consecutive + 1, self.failures)
+            if probe and self._opened_at is not None:
+                self.cooldown_s = min(self.cooldown_s * 2, self.max_cooldown_s)
+            elif self._opened_at is None:
+                self.opened += 1
+            self._opened_at = self.clock()
+
+
+@dataclass
+class CloudPace:
+    """The cloud's measured seconds per written token and per prefilled token, from the
+    timings of its finished takeovers. Leans to the slow side (a slower call counts at
+    once, a faster one only partly), so one quick call does not shrink the stall timeouts."""
+
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    samples: int = 0
+
+    def observe(self, done: TakeoverDone) -> None:
+        usage, timings = done.usage, done.timings
+        if usage.generated_tokens > 0 and timings.decode_s > 0:
+            self.decode_s = _lean_slow(self.decode_s, timings.decode_s / usage.generated_tokens)
+        if usage.prefilled_tokens > 0 and timings.prefill_s > 0:
+            self.prefill_s = _lean_slow(self.prefill_s, timings.prefill_s / usage.prefilled_tokens)
+        self.samples += 1
+
+
+def _lean_slow(old: float, new: float) -> float:
+    return new if old <= 0 else max(new, 0.8 * old + 0.2 * new)
+
+
+class StallWatch:
+    """Watches one streaming call from its own thread and cancels it when the cloud stops
+    talking. Before the first chunk: every `first_s` without one, ask `alive()`; a cloud
+    that answers is queueing or prefilling (wait on), one that does not is given up. Once
+    chunks flow: a gap of more than `gap_s` gives up. `why` then says which, and the
+    caller turns the cancelled call into `errors.Stalled`. A limit of 0 switches it off."""
+
+    def __init__(
+        self, cancel: Callable[[], object], first_s: float, gap_s: float, alive: Callable[[], bool]
+    ) -> None:
+        self.cancel, self.first_s, self.gap_s, self.alive = cancel, first_s, gap_s, alive
+        self.chunks = 0
+        self.alive_checks = 0
+        self.why: str | None = None
+        self._heard = threading.Event()
+        self._over = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+
+    def __enter__(self) -> StallWatch:
+        if self.first_s > 0 or self.gap_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._over.set()
+        self._heard.set()
+
+    def heard(self) -> None:
+        """The cloud sent something."""
+        self.chunks += 1
+        self._heard.set()
+
+    def _watch(self) -> None:
+        while True:
+            limit = self.first_s if self.chunks == 0 else self.gap_s
+            heard = self._heard.wait(limit if limit > 0 else None)
+            if self._over.is_set():
+                return
+            if heard:
+                self._heard.clear()
+                continue
+            if self.chunks == 0:
+                self.alive_checks += 1
+                if self.alive():
+                    continue  # there, but busy: queued behind others, or a long prefill
+                self.why = f"no text within {self.first_s:g} s and no answer to a liveness check"
+            else:
+                self.why = f"no text for {self.gap_s:g} s in the middle of its answer"
+            self.cancel()
+            return
+
 
 class GrpcCloud:
     """CloudTransport over a gRPC channel."""
@@ -169,6 +279,11 @@ class GrpcCloud:
         self._connected = False
         self.retries = 0  # attempts made again after a transient failure
         self.calls = 0  # takeover attempts that went out on the network
+        self.stalls = 0  # calls given up because the cloud stopped talking
+        self.alive_checks = 0  # liveness checks made while waiting for a first chunk
+        self.pace = CloudPace()
+        # set (with why) when a check found the cloud unreachable: takeovers fail at once
+        self.unreachable: str | None = None
         self._active: grpc.Future | None = None
 
     def close(self) -> None:
@@ -251,6 +366,8 @@ class GrpcCloud:
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         """One takeover, retried with backoff while nothing has arrived yet, all within
         one takeover budget."""
+        if self.unreachable is not None:
+            raise errors.Unavailable(f"cloud unreachable: {self.unreachable}")
         budget_s = self.takeover_budget_s(call)
         deadline = self.clock() + budget_s
         attempt = 0
@@ -279,6 +396,12 @@ class GrpcCloud:
                     recorded = True
                     self.breaker.record(ok=True)
                 return
+            except errors.Stalled:
+                # it froze: no retry (it would freeze again), and no more calls until the
+                # breaker's cooldown has passed; the loop writes locally meanwhile
+                recorded = True
+                self.breaker.trip()
+                raise
             except errors.SpecThinkError as exc:
                 transient = _transient(exc)
                 if not recorded:
@@ -311,6 +434,33 @@ class GrpcCloud:
         tokens = call.write.max_tokens + call.write.continue_tokens
         return self.options.takeover_timeout_s + tokens * self.options.per_token_timeout_s
 
+    def first_chunk_timeout_s(self) -> float:
+        """How long without a first chunk before asking whether the cloud is there."""
+        return self._sized(self.options.first_chunk_timeout_s)
+
+    def stall_timeout_s(self) -> float:
+        """The longest gap between chunks of a cloud that is writing."""
+        return self._sized(self.options.stall_timeout_s)
+
+    def _sized(self, floor_s: float) -> float:
+        if floor_s <= 0:
+            return 0.0
+        return max(floor_s, self.options.stall_factor * self.pace.decode_s)
+
+    def _alive(self) -> bool:
+        """Does the cloud answer at all? Anything but silence until the deadline counts
+        (a refusal is an answer too)."""
+        try:
+            self.stub.GetModelInfo(
+                pb.ModelInfoRequest(),
+                metadata=self._metadata(),
+                timeout=self.options.liveness_timeout_s,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            return code != grpc.StatusCode.DEADLINE_EXCEEDED
+        return True
+
     def _backoff(self, attempt: int, exc: errors.SpecThinkError) -> float:
         if isinstance(exc, errors.Overloaded):  # the server said when to come back
             return min(exc.retry_after_s, self.options.max_backoff_s)
@@ -323,12 +473,24 @@ class GrpcCloud:
             timeout=timeout_s,
         )
         self._active = responses
+        watch = StallWatch(
+            responses.cancel, self.first_chunk_timeout_s(), self.stall_timeout_s(), self._alive
+        )
         try:
-            for event in responses:
-                yield event_from_pb(event)
+            with watch:
+                for message in responses:
+                    watch.heard()
+                    event = event_from_pb(message)
+                    if isinstance(event, TakeoverDone):
+                        self.pace.observe(event)
+                    yield event
         except grpc.RpcError as exc:
+            if watch.why is not None:
+                self.stalls += 1
+                raise errors.Stalled(f"the cloud stopped answering: {watch.why}") from None
             raise _explained(errors.from_rpc_error(exc), self.options) from None
         finally:
+            self.alive_checks += watch.alive_checks
             self._active = None
             responses.cancel()  # no-op when finished; stops the server when abandoned
 

@@ -625,6 +625,8 @@ def client_options(cfg: EffectiveConfig) -> Any:
         api_key=cfg.api_key,
         connect_timeout_s=cfg.connect_timeout_s,
         takeover_timeout_s=cfg.takeover_timeout_s,
+        first_chunk_timeout_s=cfg.first_chunk_timeout_s,
+        stall_timeout_s=cfg.stall_timeout_s,
         tls=bool(cfg.tls or cfg.tls_ca_file),
         tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
         tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from edge.session import DraftToken
-from shared.prompting import plain_prompt
+from shared.prompting import join_prompt, plain_prompt, think_prefix
 from shared.wire import FINISH_CONTEXT_FULL, FINISH_STOP, Message, Sampling
 
 GGUF_MAGIC = b"GGUF"
+# at the token budget, a character whose bytes are incomplete is finished with at most this
+# many more tokens (counted as written) rather than dropped
+_FINISH_CHARACTER_TOKENS = 4
 
 
 class DrafterError(Exception):
@@ -35,6 +38,7 @@ class DraftCounters:
     generated_tokens: int = 0
     last_evaluated: int = 0  # evaluated prompt tokens of the latest call
     prompt_eval_s: float = 0.0  # time spent evaluating those prompt tokens
+    finishing_tokens: int = 0  # written past a budget to finish a character's bytes
 
 
 def check_gguf(path: Path) -> None:
@@ -62,7 +66,9 @@ class LlamaDrafter:
         gpu_layers: int = 0,
         threads: int | None = None,
         seed: int | None = None,
+        chat_template: str | None = None,
     ) -> None:
+        """`chat_template`: a Jinja template to use instead of the one the GGUF carries."""
         path = Path(model_path).expanduser()
         check_gguf(path)
         try:
@@ -96,6 +102,9 @@ class LlamaDrafter:
         self.load_s = 0.0  # set by whoever timed the load
         self.counters = DraftCounters()
         self._first_eval_pending = False
+        self._template_text: str | None = (
+            chat_template or self.llm.metadata.get("tokenizer.chat_template") or None
+        )
         self._template = self._chat_template()
         self.n_ctx = self.llm.n_ctx()
 
@@ -104,12 +113,11 @@ class LlamaDrafter:
     def _chat_template(self) -> Any | None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
+        if not self._template_text:
             return None
         model = self.llm._model
         return Jinja2ChatFormatter(
-            template=template,
+            template=self._template_text,
             eos_token=model.token_get_text(model.token_eos()),
             bos_token=model.token_get_text(model.token_bos()),
         )
@@ -120,8 +128,14 @@ class LlamaDrafter:
 
     @property
     def chat_template_text(self) -> str | None:
-        """The model's Jinja chat template as its GGUF carries it."""
-        return self.llm.metadata.get("tokenizer.chat_template") or None
+        """The model's Jinja chat template (as its GGUF carries it, unless overridden)."""
+        return self._template_text
+
+    @property
+    def think_prefix(self) -> str:
+        """What this model's answers start with on the wire ("<think>\\n" for a reasoning
+        model, see shared.prompting)."""
+        return think_prefix(self._template_text)
 
     @property
     def model_names(self) -> list[str]:
@@ -141,9 +155,8 @@ class LlamaDrafter:
         model = self.llm._model
         bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
         add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
-        return list(
-            self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=add_bos, special=True)
-        )
+        joined = join_prompt(prompt, text)  # one <think>, whatever the template appends
+        return list(self.llm.tokenize(joined.encode("utf-8"), add_bos=add_bos, special=True))
 
     # -- drafting --
 
@@ -197,12 +210,16 @@ class LlamaDrafter:
                     yield DraftToken("", finish=FINISH_STOP, entropy=entropy)
                     return
                 self.counters.generated_tokens += 1
+                if written >= max_tokens:  # past the budget: finishing a started character
+                    self.counters.finishing_tokens += 1
                 pending += self.llm.detokenize([token], special=False)
                 piece = _decode_complete(pending)
                 if piece is not None:
                     pending = b""
                 yield DraftToken(piece or "", entropy=entropy)
-                if written + 1 >= max_tokens:
+                if written + 1 >= max_tokens and (
+                    not pending or written + 1 >= max_tokens + _FINISH_CHARACTER_TOKENS
+                ):
                     return
                 if written + 1 >= room:
                     yield DraftToken("", finish=FINISH_CONTEXT_FULL)

@@ -1,21 +1,24 @@
-"""Benchmark evaluation: datasets, grading with math-verify, per-problem results that resume, the report table and the trade-off plot. Knows nothing about models or gRPC.
+"""Benchmark evaluation: datasets, grading with math-verify, per-problem results that resume; the report table and the trade-off plot live in `edge.eval_report`. Knows nothing about models or gRPC.
 
 Pieces, in the order a run uses them:
 
 * ``load_problems``: MATH-500 / AIME 2024 JSON Lines into ``Problem`` records.
 * ``math_prompt``: the paper's user prompt. The ``<think>\\n`` that follows it in the paper
-  belongs to the chat template and is added by the caller that formats the prompt for a
-  model, not here.
+  is not part of it: a reasoning model's answer opens its think block in the assistant
+  text (see ``shared.prompting``).
 * ``extract_boxed`` / ``grade``: the last ``\\boxed{...}`` of an output, judged against the
   gold answer by ``math_verify`` (never a home-made string matcher).
 * ``run_eval``: answers every (problem, strategy) pair through an ``AnswerFn`` and appends
-  one JSON line per pair to a results file, fsynced at once. The first line of that file is
-  a header holding the run config. Rerunning with the same file skips the pairs already
-  there, so an interrupted run resumes; a different config is refused unless
-  ``restart=True``.
-* ``summarize`` / ``format_table`` / ``write_report`` / ``plot``: the paper-shaped table
-  (accuracy % / average output tokens) plus the measured speed columns, a JSON report and
-  an accuracy-versus-tokens/s plot with its Pareto front.
+  one JSON line per pair to a results file, fsynced at once: the grade, the counts, and
+  the answer's text (so ``regrade`` can judge it again without a re-run). The first line
+  of that file is a header holding the run config, including the model pair that answers:
+  the cloud's model id (GetModelInfo) and the edge model's SHA-256. Rerunning with the
+  same file skips the pairs already there, so an interrupted run resumes; a different
+  config is refused unless ``restart=True``, and another model pair unless
+  ``allow_mixed=True`` (each row names its pair, so mixed results stay apart).
+* ``summarize`` / ``format_table`` / ``write_report`` / ``plot`` (from ``edge.eval_report``):
+  the paper-shaped table (accuracy % / average output tokens) plus the measured speed
+  columns, a JSON report and an accuracy-versus-tokens/s plot with its Pareto front.
 
 Results file format (``.jsonl``)::
 
@@ -29,6 +32,8 @@ last row wins.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -41,17 +46,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from edge.eval_report import (  # noqa: F401  (the report is part of this module's API)
+    STRATEGIES,
+    StrategySummary,
+    format_table,
+    model_pairs,
+    normalise_config,
+    pareto_front,
+    plot,
+    summarize,
+    summarize_strategy,
+    write_report,
+)
+
 AnswerFn = Callable[[str, str], dict]
 """``answer_fn(prompt_text, strategy) -> edge result object``; may raise for a failed problem."""
-
-STRATEGIES: tuple[str, ...] = ("edge", "speculative", "cloud")
-"""Known strategies, in the order the table lists them (small alone, both, large alone)."""
 
 PROMPT_TEMPLATE = (
     "Please reason step by step, and put your final answer within \\boxed{{}}. {problem}"
 )
 FORMAT_VERSION = 1
 GRADE_TIMEOUT_S = 5
+PAIR_KEYS = ("cloud_model", "edge_model_sha256")
+"""The run config's keys naming the model pair: another pair is refused unless allowed."""
 
 
 class EvalError(Exception):
@@ -232,6 +249,9 @@ class Row:
     finish_reason: str | None = None
     cloud_cached_tokens: int = 0
     cloud_prefill_tokens: int = 0
+    text: str = ""  # the whole answer, so that it can be graded again without a re-run
+    cloud_model: str | None = None  # the pair that answered (set by run_eval from the run
+    edge_model_sha256: str | None = None  # config), so that mixed results stay apart
 
     @property
     def key(self) -> tuple[str, str]:
@@ -275,7 +295,25 @@ def row_from_result(problem: Problem, strategy: str, result: dict[str, Any]) -> 
         finish_reason=result.get("finish_reason"),
         cloud_cached_tokens=int(stats.get("cloud_cached_tokens", 0)),
         cloud_prefill_tokens=int(stats.get("cloud_prefill_tokens", 0)),
+        text=text,
     )
+
+
+def regrade(row: Row) -> Row:
+    """The row judged again from its stored text (after a grader fix, say)."""
+    if row.error is not None:
+        return row
+    predicted = extract_boxed(row.text)
+    return dataclasses.replace(row, predicted=predicted, correct=grade_answer(predicted, row.gold))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (an edge model), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def error_row(problem: Problem, strategy: str, exc: BaseException, wall_s: float) -> Row:
@@ -300,11 +338,6 @@ def error_row(problem: Problem, strategy: str, exc: BaseException, wall_s: float
 
 
 # --------------------------------------------------------------------------- results file
-
-
-def _normalise(config: dict[str, Any]) -> dict[str, Any]:
-    normalised: dict[str, Any] = json.loads(json.dumps(config, sort_keys=True, default=str))
-    return normalised
 
 
 def read_results(path: Path) -> tuple[dict[str, Any] | None, list[Row]]:
@@ -342,27 +375,47 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _check_config(
-    path: Path, old: dict[str, Any] | None, has_rows: bool, new: dict[str, Any]
+    path: Path,
+    old: dict[str, Any] | None,
+    has_rows: bool,
+    new: dict[str, Any],
+    allow_mixed: bool = False,
 ) -> None:
     if old is None:
         if has_rows:
             raise EvalError(f"{path} has rows but no header; pass restart=True to start over")
         return
-    diff = _config_diff(_normalise(old), _normalise(new))
+    old_n, new_n = normalise_config(old), normalise_config(new)
+    pair_diff = _config_diff(
+        {k: old_n.get(k) for k in PAIR_KEYS}, {k: new_n.get(k) for k in PAIR_KEYS}
+    )
+    diff = _config_diff(
+        {k: v for k, v in old_n.items() if k not in PAIR_KEYS},
+        {k: v for k, v in new_n.items() if k not in PAIR_KEYS},
+    )
     if diff:
         raise EvalError(
             f"{path} was written with another config ({'; '.join(diff)}); "
             "use another output file or pass restart=True to discard it"
         )
+    if pair_diff and has_rows and not allow_mixed:
+        raise EvalError(
+            f"{path} was answered by another model pair ({'; '.join(pair_diff)}); "
+            "resuming would mix their results: use another output file, pass restart=True "
+            "to discard it, or allow_mixed=True (--allow-mixed) to add this pair's rows "
+            "(each row names its pair)"
+        )
 
 
-def _open_results(path: Path, config: dict[str, Any], restart: bool) -> tuple[TextIO, list[Row]]:
+def _open_results(
+    path: Path, config: dict[str, Any], restart: bool, allow_mixed: bool = False
+) -> tuple[TextIO, list[Row]]:
     """Open the results file for appending, checking or writing its header."""
     path = Path(path)
     old_config, rows = (None, []) if restart else read_results(path)
     if not restart:
-        _check_config(path, old_config, bool(rows), config)
-    fresh = restart or old_config is None
+        _check_config(path, old_config, bool(rows), config, allow_mixed)
+    fresh = restart or old_config is None or not rows  # no rows: the header is rewritten
     if restart and path.exists():
         path.replace(path.with_name(path.name + ".bak"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +425,7 @@ def _open_results(path: Path, config: dict[str, Any], restart: bool) -> tuple[Te
         header = {
             "kind": "header",
             "version": FORMAT_VERSION,
-            "config": _normalise(config),
+            "config": normalise_config(config),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         _append_line(f, json.dumps(header, ensure_ascii=False))
@@ -472,19 +525,24 @@ def run_eval(
     restart: bool = False,
     retry_errors: bool = False,
     progress_stream: TextIO | None = None,
+    allow_mixed: bool = False,
 ) -> list[Row]:
     """Answer every (problem, strategy) pair not yet in ``out_path``; return all their rows.
 
     Problems are the outer loop, so an interrupted run has compared strategies on the same
     problems. Each row is appended and fsynced as soon as it is graded. ``run_config``
-    (dataset, levels, seed, max_tokens, mode, policy knobs...) is stored in the header;
-    resuming under another config raises ``EvalError`` unless ``restart=True``, which
-    moves the old file to ``<name>.bak`` and starts over. ``retry_errors`` answers again
+    (dataset, levels, seed, max_tokens, mode, policy knobs, and the model pair under
+    ``PAIR_KEYS``) is stored in the header; resuming under another config raises
+    ``EvalError`` unless ``restart=True``, which moves the old file to ``<name>.bak`` and
+    starts over; under another model pair unless ``allow_mixed=True``. Each new row
+    records the pair that answered it. ``retry_errors`` answers again
     the pairs whose stored row is an error. On Ctrl-C the file is closed and
     ``EvalInterrupted`` (a ``KeyboardInterrupt`` carrying the finished rows) is raised.
     """
     wanted = [(p, s) for p in problems for s in strategies]
-    f, existing = _open_results(Path(out_path), run_config or {}, restart)
+    config = run_config or {}
+    f, existing = _open_results(Path(out_path), config, restart, allow_mixed)
+    pair: dict[str, str | None] = {k: config.get(k) for k in PAIR_KEYS}
     done = {r.key: r for r in existing}
     todo = [(p, s) for p, s in wanted if _needs_answer(done.get((p.id, s)), retry_errors)]
     bar = Progress(len(wanted), len(wanted) - len(todo), progress_stream, enabled=progress)
@@ -493,6 +551,9 @@ def run_eval(
     try:
         for problem, strategy in todo:
             row, seconds = _answer_one(problem, strategy, answer_fn)
+            row = dataclasses.replace(
+                row, cloud_model=pair["cloud_model"], edge_model_sha256=pair["edge_model_sha256"]
+            )
             _append_line(f, row.to_json())
             done[row.key] = row
             bar.update(row, seconds)
@@ -510,196 +571,3 @@ def _needs_answer(row: Row | None, retry_errors: bool) -> bool:
 
 def _rows_for(wanted: Sequence[tuple[Problem, str]], done: dict[tuple[str, str], Row]) -> list[Row]:
     return [done[(p.id, s)] for p, s in wanted if (p.id, s) in done]
-
-
-# --------------------------------------------------------------------------- summary
-
-
-@dataclass(frozen=True)
-class StrategySummary:
-    """One strategy's numbers. Accuracy counts every row (errors are wrong); the token and
-    speed columns are over the rows that finished without error."""
-
-    strategy: str
-    n: int
-    correct: int
-    accuracy_pct: float
-    avg_tokens: float
-    mean_wall_s: float
-    tokens_per_s: float
-    mean_tokens_per_s: float
-    mean_ttft_s: float | None
-    cloud_share_pct: float
-    takeovers_per_problem: float
-    fallbacks: int
-    errors: int
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _strategy_order(rows: Iterable[Row]) -> list[str]:
-    seen = list(dict.fromkeys(r.strategy for r in rows))
-    known = [s for s in STRATEGIES if s in seen]
-    return known + sorted(s for s in seen if s not in STRATEGIES)
-
-
-def summarize_strategy(strategy: str, rows: Sequence[Row]) -> StrategySummary:
-    ok = [r for r in rows if r.error is None]
-    tokens = sum(r.output_tokens for r in ok)
-    wall = sum(r.wall_s for r in ok)
-    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-    correct = sum(r.correct for r in rows)
-    return StrategySummary(
-        strategy=strategy,
-        n=len(rows),
-        correct=correct,
-        accuracy_pct=100.0 * correct / len(rows) if rows else 0.0,
-        avg_tokens=_mean([r.output_tokens for r in ok]),
-        mean_wall_s=_mean([r.wall_s for r in ok]),
-        tokens_per_s=tokens / wall if wall > 0 else 0.0,
-        mean_tokens_per_s=_mean([r.tokens_per_s for r in ok]),
-        mean_ttft_s=_mean(ttfts) if ttfts else None,
-        cloud_share_pct=100.0 * sum(r.cloud_tokens for r in ok) / tokens if tokens else 0.0,
-        takeovers_per_problem=_mean([r.takeovers for r in ok]),
-        fallbacks=sum(r.fallback for r in rows),
-        errors=len(rows) - len(ok),
-    )
-
-
-def summarize(rows: Sequence[Row]) -> list[StrategySummary]:
-    """Per-strategy summaries, ordered edge, speculative, cloud, then any others."""
-    return [
-        summarize_strategy(s, [r for r in rows if r.strategy == s]) for s in _strategy_order(rows)
-    ]
-
-
-_TABLE_HEADER = (
-    "strategy",
-    "n",
-    "accuracy % / avg tokens",
-    "s/problem",
-    "tok/s (total)",
-    "tok/s (mean)",
-    "TTFT s",
-    "cloud share %",
-    "takeovers/problem",
-    "fallbacks",
-    "errors",
-)
-
-
-def _table_cells(s: StrategySummary) -> tuple[str, ...]:
-    ttft = "-" if s.mean_ttft_s is None else f"{s.mean_ttft_s:.2f}"
-    return (
-        s.strategy,
-        str(s.n),
-        f"{s.accuracy_pct:.1f} / {s.avg_tokens:.0f}",
-        f"{s.mean_wall_s:.1f}",
-        f"{s.tokens_per_s:.1f}",
-        f"{s.mean_tokens_per_s:.1f}",
-        ttft,
-        f"{s.cloud_share_pct:.1f}",
-        f"{s.takeovers_per_problem:.1f}",
-        str(s.fallbacks),
-        str(s.errors),
-    )
-
-
-def format_table(summaries: Sequence[StrategySummary]) -> str:
-    """A Markdown table shaped like the paper's, one row per strategy."""
-    rows = [_TABLE_HEADER, *(_table_cells(s) for s in summaries)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_TABLE_HEADER))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
-
-
-def write_report(
-    summaries: Sequence[StrategySummary],
-    rows: Sequence[Row],
-    json_path: Path,
-    run_config: dict[str, Any] | None = None,
-) -> None:
-    """Summaries, per-problem rows and the run config as one JSON document."""
-    report = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": _normalise(run_config or {}),
-        "summaries": [asdict(s) for s in summaries],
-        "rows": [asdict(r) for r in rows],
-    }
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def pareto_front(summaries: Sequence[StrategySummary]) -> list[StrategySummary]:
-    """Summaries no other beats on both speed and accuracy, by ascending speed."""
-
-    def dominated(a: StrategySummary) -> bool:
-        return any(
-            b.tokens_per_s >= a.tokens_per_s
-            and b.accuracy_pct >= a.accuracy_pct
-            and (b.tokens_per_s > a.tokens_per_s or b.accuracy_pct > a.accuracy_pct)
-            for b in summaries
-        )
-
-    return sorted((s for s in summaries if not dominated(s)), key=lambda s: s.tokens_per_s)
-
-
-def _staircase(front: Sequence[StrategySummary]) -> tuple[list[float], list[float]]:
-    """Corner points of the front's step line: down from each point, then right."""
-    xs: list[float] = []
-    ys: list[float] = []
-    for i, s in enumerate(front):
-        if i:
-            xs.append(front[i - 1].tokens_per_s)
-            ys.append(s.accuracy_pct)
-        xs.append(s.tokens_per_s)
-        ys.append(s.accuracy_pct)
-    return xs, ys
-
-
-def plot(
-    summaries: Sequence[StrategySummary],
-    png_path: Path,
-    dataset: str = "",
-    date: str | None = None,
-) -> None:
-    """Accuracy % against tokens/s, one labelled point per strategy, Pareto front stepped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    try:
-        for s in summaries:
-            ax.scatter([s.tokens_per_s], [s.accuracy_pct], s=40, zorder=3)
-            ax.annotate(
-                s.strategy,
-                (s.tokens_per_s, s.accuracy_pct),
-                textcoords="offset points",
-                xytext=(6, 4),
-            )
-        xs, ys = _staircase(pareto_front(summaries))
-        ax.plot(xs, ys, linestyle="--", color="grey", zorder=2, label="Pareto front")
-        ax.set_xlabel("output tokens / s (wall clock)")
-        ax.set_ylabel("accuracy %")
-        when = date or datetime.now(UTC).date().isoformat()
-        ax.set_title(f"Accuracy vs speed — {dataset or 'benchmark'} — {when}")
-        ax.grid(True, alpha=0.3)
-        ax.margins(0.15)
-        ax.legend(loc="best")
-        png_path = Path(png_path)
-        png_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)

@@ -12,7 +12,16 @@ The phases, as `SpeculativeSession.run` calls them:
   look ahead -> at a break it drafts a short probe of the next paragraph (reasoning mode)
   decide     -> shared.policy keeps the probe or hands the pen to the large model
   hand over  -> one streaming call; the cloud writes n1 (+ n2 when it verifies) tokens
-  fall back  -> if the cloud fails, the small model writes what the cloud did not
+  fall back  -> if the cloud fails, the small model writes what the cloud did not of its
+                n1 tokens, up to the next break, where the policy decides again
+  edge alone -> once the text no longer fits the cloud (its context is full, or the text is
+                over its limit), the small model writes the rest of the answer, and says so
+
+A reasoning model answers inside a think block. Whether the answer is in it is decided
+once, on the wire: the assistant text itself starts with `<think>\n`
+(`SessionOptions.think_prefix`), and each side joins its rendered prompt to the text
+without doubling it (`shared.prompting.join_prompt`), whatever its chat template's revision
+appends to the generation prompt.
 """
 
 from __future__ import annotations
@@ -101,19 +110,26 @@ class Segment:
 
 @dataclass
 class Stats:
+    """What an answer cost and who wrote it; README.md's `--json` table documents each field.
+    Every count follows the text: `takeovers` is the number of cloud segments in `segments`,
+    the token counts are their sums."""
+
     edge_tokens: int = 0
     cloud_tokens: int = 0
-    takeovers: int = 0
+    takeovers: int = 0  # cloud segments in the answer (hand-overs where the cloud wrote)
     wall_s: float = 0.0
     ttft_s: float = 0.0
     fallback: bool = False
     cloud_cached_tokens: int = 0
     cloud_prefill_tokens: int = 0
     # beyond the contract
-    fallbacks: int = 0
+    takeover_attempts: int = 0  # hand-overs decided, whether or not the cloud wrote
+    fallbacks: int = 0  # hand-overs where the cloud failed and the edge wrote instead
+    cloud_full: bool = False  # the text outgrew the cloud; the edge wrote the rest alone
     cloud_calls: int = 0
     full_text_resends: int = 0
     cloud_prefills: int = 0
+    cloud_prefills_abandoned: int = 0
     probe_tokens_discarded: int = 0
     cloud_wait_s: float = 0.0
     edge_draft_s: float = 0.0
@@ -175,7 +191,9 @@ class CloudSession:
     FAILED_PRECONDITION; the call is then sent again with the full text, before any of its
     output was received, so a cloud restart costs time and never text."""
 
-    def __init__(self, transport: CloudTransport, session_id: str) -> None:
+    def __init__(
+        self, transport: CloudTransport, session_id: str, prefill_wait_s: float = 2.0
+    ) -> None:
         self.transport = transport
         self.session_id = session_id
         self._base: str | None = None  # the assistant text the cloud confirmed holding
@@ -183,7 +201,14 @@ class CloudSession:
         self.full_text_resends = 0
         self.calls = 0
         self.prefills = 0
+        self.prefills_abandoned = 0
+        # how long a takeover waits for a background prefill still in flight: past it the
+        # takeover goes without it (it supersedes the prefill on the cloud and finds the
+        # chunks already computed in the cache); waiting longer only delays the answer
+        self.prefill_wait_s = prefill_wait_s
         self._prefill: threading.Thread | None = None
+        self._epoch = 0  # bumped when a prefill is abandoned: its late result is ignored
+        self._lock = threading.Lock()
 
     def forget(self) -> None:
         self._join_prefill()
@@ -200,14 +225,19 @@ class CloudSession:
         if isinstance(body, TextDelta) and not body.append:
             return False
 
+        epoch = self._epoch
+
         def push() -> None:
             try:
-                committed = self.transport.prefill(self.session_id, body)
+                committed: tuple[int, str] | None = self.transport.prefill(self.session_id, body)
             except errors.SpecThinkError:
-                self._base = None
-                return
-            self._base = text if committed == text_digest(text) else None
-            self._messages = msgs
+                committed = None
+            with self._lock:
+                if epoch != self._epoch:
+                    return  # abandoned: a takeover went ahead without it
+                ok = committed is not None and committed == text_digest(text)
+                self._base = text if ok else None
+                self._messages = msgs
 
         self.prefills += 1
         self._prefill = threading.Thread(target=push, name="prefill-ahead", daemon=True)
@@ -215,9 +245,17 @@ class CloudSession:
         return True
 
     def _join_prefill(self) -> None:
-        if self._prefill is not None:
-            self._prefill.join()
-            self._prefill = None
+        """Wait for a prefill in flight, at most `prefill_wait_s`; a slower one is abandoned,
+        and the next call sends the full text (the cloud may or may not hold the prefill)."""
+        if self._prefill is None:
+            return
+        self._prefill.join(self.prefill_wait_s)
+        if self._prefill.is_alive():
+            with self._lock:
+                self._epoch += 1
+                self._base = None
+            self.prefills_abandoned += 1
+        self._prefill = None
 
     def _text(self, messages: tuple[Message, ...], text: str) -> FullText | TextDelta:
         if self._base is not None and self._messages == messages and text.startswith(self._base):
@@ -268,6 +306,8 @@ class SessionOptions:
     # push the edge's new text to the cloud every this many drafted tokens (0 = never),
     # so the next takeover finds its KV cache warm (the Prefill RPC, in the background)
     prefill_every: int = 0
+    # the text a reasoning model's answer starts with ("<think>\n"), or "" (see the top)
+    think_prefix: str = ""
 
 
 class SpeculativeSession:
@@ -312,7 +352,7 @@ class SpeculativeSession:
         return segment
 
     def _write(self, segment: Segment, text: str, tokens: int) -> None:
-        if text and not self.stats.ttft_s:
+        if text and tokens and not self.stats.ttft_s:  # a model wrote it (not a preamble)
             self.stats.ttft_s = self.clock() - self._t0
         segment.text += text
         segment.tokens += tokens
@@ -333,12 +373,14 @@ class SpeculativeSession:
         if finish is not None:
             self.finish = finish
         self.segments = [s for s in self.segments if s.text or s.tokens]
+        self.stats.takeovers = sum(1 for s in self.segments if s.source == "cloud")
         self.stats.wall_s = self.clock() - self._t0
         if self.cloud is not None:
-            self.cloud.forget()  # joins a prefill still in flight
+            self.cloud.forget()  # joins a prefill still in flight (a bounded wait)
             self.stats.cloud_calls = self.cloud.calls
             self.stats.full_text_resends = self.cloud.full_text_resends
             self.stats.cloud_prefills = self.cloud.prefills
+            self.stats.cloud_prefills_abandoned = self.cloud.prefills_abandoned
         return Answer(
             self.text, self.finish or FINISH_LENGTH, self.segments, self.stats, self.notices
         )
@@ -348,6 +390,8 @@ class SpeculativeSession:
     def run(self, messages: Sequence[Message]) -> Answer:
         self._messages = tuple(messages)
         self._t0 = self.clock()
+        if self.options.think_prefix and not self.text:
+            self._open_think_block()
         try:
             if self.options.strategy == "edge":
                 self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=False)
@@ -362,6 +406,11 @@ class SpeculativeSession:
         answer = self.answer_so_far()
         self.sink(Event("done", answer.to_json()))
         return answer
+
+    def _open_think_block(self) -> None:
+        """A reasoning model's answer starts inside its think block, on the wire: the text
+        opens with it (no model wrote it, so it counts no tokens)."""
+        self._write(self._open_segment("edge", "think_block"), self.options.think_prefix, 0)
 
     def _speculate(self) -> None:
         opening = policy.decide_start(self.options.policy)
@@ -457,11 +506,12 @@ class SpeculativeSession:
             continue_tokens=max(0, min(decision.continue_tokens, self.remaining - budget)),
         )
         self.sink(Event("takeover", {"reason": decision.reason, "tokens": budget}))
+        self.stats.takeover_attempts += 1
         segment = self._open_segment("cloud", decision.reason)
         started = self.clock()
-        text_before = self.text
         first_chunk = True
         waited: float | None = None  # set when the cloud failed: local writing is not waiting
+        outgrown: str | None = None  # why the text no longer fits the cloud
         try:
             for event in self.cloud.takeover(
                 self._messages, self.text, self.options.sampling, write
@@ -473,17 +523,25 @@ class SpeculativeSession:
                     self._write(segment, event.text, event.tokens)
                 else:
                     self._cloud_done(segment, event)
+                    if event.finish_reason == FINISH_CONTEXT_FULL:
+                        outgrown = "its context window is full"
+        except errors.TextTooLong as exc:  # a size refusal is no bad request: write on
+            waited, outgrown = self.clock() - started, exc.message
         except (errors.Unauthenticated, errors.InvalidRequest):
             raise
         except errors.SpecThinkError as exc:
             waited = self.clock() - started
-            self._fall_back(decision, segment, budget + write.continue_tokens, exc)
+            self._fall_back(decision, segment, budget, exc)
         finally:
             self.stats.cloud_wait_s += waited if waited is not None else self.clock() - started
-            self.stats.takeovers += 1
-            self.state = policy.after_takeover(
-                self.options.policy, self.state, decision, self.text[len(text_before) :]
-            )
+            if segment.text or segment.tokens:
+                # the policy counts what the large model wrote, never the edge's stand-in;
+                # a hand-over where the cloud wrote nothing did not happen, for the policy
+                self.state = policy.after_takeover(
+                    self.options.policy, self.state, decision, segment.text
+                )
+        if outgrown is not None:
+            self._edge_alone(decision, outgrown)
 
     def _cloud_done(self, segment: Segment, done: TakeoverDone) -> None:
         self.stats.cloud_cached_tokens += done.usage.cached_tokens
@@ -492,15 +550,14 @@ class SpeculativeSession:
             segment.reason += f"+verification:{done.continued_on}"
         if done.finish_reason == FINISH_STOP:
             self.finish = FINISH_STOP
-        elif done.finish_reason == FINISH_CONTEXT_FULL:
-            self.finish = FINISH_CONTEXT_FULL
         elif self.remaining <= 0:
             self.finish = FINISH_LENGTH
 
     def _fall_back(
-        self, decision: Decision, segment: Segment, planned: int, exc: errors.SpecThinkError
+        self, decision: Decision, segment: Segment, budget: int, exc: errors.SpecThinkError
     ) -> None:
-        """The cloud failed: keep what it sent, and the small model writes the rest."""
+        """The cloud failed: keep what it sent, and the small model writes what is left of
+        the cloud's n1 tokens, up to the next break (where the policy decides again)."""
         self.stats.fallback = True
         self.stats.fallbacks += 1
         kind = type(exc).__name__
@@ -511,10 +568,26 @@ class SpeculativeSession:
         )
         if self.cloud is not None:
             self.cloud.forget()
-        rest = min(planned - segment.tokens, self.remaining)
+        rest = min(budget - segment.tokens, self.remaining)
         if rest > 0 and self.finish is None:
             local = self._open_segment("edge", f"fallback:{kind}:{decision.reason}")
-            self._draft(rest, Rule.EDGE_DRAFT, stop_at_break=False, segment=local)
+            self._draft(rest, Rule.EDGE_DRAFT, stop_at_break=True, segment=local)
+
+    def _edge_alone(self, decision: Decision, why: str) -> None:
+        """The text no longer fits the cloud, and it only grows: the small model writes the
+        rest of the answer, and says so once."""
+        self.stats.fallback = True
+        self.stats.cloud_full = True
+        self._notice(
+            "fallback",
+            f"the answer no longer fits the cloud ({why}); the edge writes the rest alone",
+            error="ContextFull",
+        )
+        if self.cloud is not None:
+            self.cloud.forget()
+        if self.finish is None and self.remaining > 0:
+            local = self._open_segment("edge", f"edge_alone:context_full:{decision.reason}")
+            self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=False, segment=local)
 
     def _cloud_writes_everything(self) -> None:
         """The cloud-only baseline: the large model writes the whole answer."""

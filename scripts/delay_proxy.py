@@ -44,6 +44,10 @@ class DelayProxy:
         self.port = 0
         self.connections = 0
         self.bytes_forwarded = 0
+        # with record=True: (read_at, due_at, written_at, bytes) per forwarded piece, on the
+        # event loop's clock, so tests can check the rule (due = read + one-way delay)
+        self.record = False
+        self.forwarded: list[tuple[float, float, float, int]] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -86,12 +90,13 @@ class DelayProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read -> stamp with its due time -> (queue) -> wait until due -> write."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[float, float, bytes] | None] = asyncio.Queue()
 
         async def receive() -> None:
             try:
                 while data := await reader.read(_CHUNK):
-                    queue.put_nowait((loop.time() + self.one_way_s, data))
+                    read_at = loop.time()
+                    queue.put_nowait((read_at, read_at + self.one_way_s, data))
             except (ConnectionError, OSError):
                 pass
             finally:
@@ -99,12 +104,14 @@ class DelayProxy:
 
         async def send() -> None:
             while (item := await queue.get()) is not None:
-                due, data = item
+                read_at, due, data = item
                 wait = due - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 writer.write(data)
                 self.bytes_forwarded += len(data)
+                if self.record:
+                    self.forwarded.append((read_at, due, loop.time(), len(data)))
                 await writer.drain()
             with contextlib.suppress(OSError):
                 if writer.can_write_eof():
@@ -124,8 +131,11 @@ class DelayProxy:
 class ProxyThread:
     """A DelayProxy on its own event loop in a daemon thread; the context gives the port."""
 
-    def __init__(self, target_host: str, target_port: int, rtt_ms: float = 0.0) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, rtt_ms: float = 0.0, record: bool = False
+    ) -> None:
         self.proxy = DelayProxy(target_host, target_port, rtt_ms)
+        self.proxy.record = record
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="delay-proxy", daemon=True

@@ -54,6 +54,9 @@ class ScriptedCloud:
     committed: dict[str, str] = field(default_factory=dict)
     fail_with: list[errors.SpecThinkError | None] = field(default_factory=list)
     fail_after_tokens: int | None = None
+    # finish reason of each call's final message, in order (default: length, or end of
+    # sequence on the last reply with end_of_sequence_on_last)
+    finish_reasons: list[str] = field(default_factory=list)
 
     def restart(self) -> None:
         self.committed.clear()
@@ -93,8 +96,9 @@ class ScriptedCloud:
         self.committed[call.session_id] = text + written
         n = min(len(reply), call.write.max_tokens)
         eos = self.end_of_sequence_on_last and not self.replies
+        finish = self.finish_reasons.pop(0) if self.finish_reasons else None
         yield TakeoverDone(
-            finish_reason=FINISH_STOP if eos else FINISH_LENGTH,
+            finish_reason=finish or (FINISH_STOP if eos else FINISH_LENGTH),
             usage=Usage(
                 prompt_tokens=len(text),
                 cached_tokens=0,

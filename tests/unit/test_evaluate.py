@@ -17,6 +17,7 @@ from edge.evaluate import (
     Progress,
     Row,
     extract_boxed,
+    file_sha256,
     format_table,
     grade,
     grade_answer,
@@ -25,6 +26,7 @@ from edge.evaluate import (
     pareto_front,
     plot,
     read_results,
+    regrade,
     run_eval,
     summarize,
     write_report,
@@ -407,3 +409,89 @@ def test_progress_eta_is_remaining_items_times_mean_item_time() -> None:
     bar.update(row, 30.0)
     bar.update(row, 90.0)
     assert bar.line() == "6/10  acc 100.0%  ETA 0:04:00"  # 4 left x 60 s
+
+
+# --------------------------------------------------------------------------- model pairs
+
+
+PAIR_A = {**CONFIG, "cloud_model": "Qwen2.5-Coder-0.5B", "edge_model_sha256": "a" * 64}
+PAIR_B = {**CONFIG, "cloud_model": "DeepSeek-R1-Distill-Qwen-32B", "edge_model_sha256": "a" * 64}
+
+
+def test_the_header_names_the_model_pair_and_every_row_the_pair_that_answered_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run.jsonl"
+    run_eval(_problems()[:1], ["edge"], CountingAnswerer(), out, False, run_config=PAIR_A)
+    header = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert header["config"]["cloud_model"] == "Qwen2.5-Coder-0.5B"
+    assert header["config"]["edge_model_sha256"] == "a" * 64
+    _, rows = read_results(out)
+    assert (rows[0].cloud_model, rows[0].edge_model_sha256) == ("Qwen2.5-Coder-0.5B", "a" * 64)
+
+
+def test_resuming_against_another_cloud_is_refused_unless_mixing_is_allowed(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run.jsonl"
+    run_eval(_problems()[:1], ["edge"], CountingAnswerer(), out, False, run_config=PAIR_A)
+    with pytest.raises(EvalError, match=r"another model pair \(cloud_model: .*allow_mixed"):
+        run_eval(_problems()[:2], ["edge"], CountingAnswerer(), out, False, run_config=PAIR_B)
+
+    more = CountingAnswerer()
+    rows = run_eval(
+        _problems()[:2], ["edge"], more, out, False, run_config=PAIR_B, allow_mixed=True
+    )
+    assert more.calls == [("b", "edge")], "only the missing pair is answered"
+    assert [r.cloud_model for r in rows] == [
+        "Qwen2.5-Coder-0.5B",
+        "DeepSeek-R1-Distill-Qwen-32B",
+    ], "each row still says which cloud answered it"
+
+
+def test_a_results_file_from_before_the_pair_was_recorded_is_not_resumed_silently(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run.jsonl"
+    run_eval(_problems()[:1], ["edge"], CountingAnswerer(), out, False, run_config=CONFIG)
+    with pytest.raises(EvalError, match="another model pair"):
+        run_eval(_problems()[:1], ["edge"], CountingAnswerer(), out, False, run_config=PAIR_A)
+
+
+def test_the_report_lists_the_pairs_that_answered(tmp_path: Path) -> None:
+    out = tmp_path / "run.jsonl"
+    run_eval(_problems()[:1], ["edge"], CountingAnswerer(), out, False, run_config=PAIR_A)
+    rows = run_eval(
+        _problems()[:2],
+        ["edge"],
+        CountingAnswerer(),
+        out,
+        False,
+        run_config=PAIR_B,
+        allow_mixed=True,
+    )
+    write_report(summarize(rows), rows, tmp_path / "report.json", run_config=PAIR_B)
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert {(p["cloud_model"], p["rows"]) for p in report["model_pairs"]} == {
+        ("Qwen2.5-Coder-0.5B", 1),
+        ("DeepSeek-R1-Distill-Qwen-32B", 1),
+    }
+
+
+def test_each_row_keeps_the_answer_text_so_it_can_be_graded_again(tmp_path: Path) -> None:
+    out = tmp_path / "run.jsonl"
+    run_eval(_problems()[:2], ["edge"], CountingAnswerer(), out, False, run_config=CONFIG)
+    _, rows = read_results(out)
+    assert rows[1].text == "Thinking... \\boxed{\\frac{1}{2}}"
+    # a grader that was wrong at the time: the stored text is judged again, no re-run
+    wrong = Row(**{**rows[1].__dict__, "predicted": None, "correct": False})
+    again = regrade(wrong)
+    assert (again.predicted, again.correct) == (r"\frac{1}{2}", True)
+
+
+def test_the_edge_model_checksum_is_the_files_sha256(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(range(256)) * 5000)
+    import hashlib
+
+    assert file_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest()

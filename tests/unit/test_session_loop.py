@@ -224,3 +224,159 @@ def test_prefill_ahead_warms_the_cloud_and_the_takeover_sends_only_the_rest():
     assert len(last.text.append) < len("abcde.\n\n")
     assert answer.text == "opening abcde.\n\nX"
     assert answer.stats.full_text_resends == 0
+
+
+# ---- a cloud the text has outgrown --------------------------------------------------------
+
+
+def test_context_full_cloud_keeps_its_text_and_the_edge_writes_the_rest_alone():
+    drafter = ScriptedDrafter(
+        ["P", ".\n\n", "Wait", "\n\n", "edge", " goes", " on", ".\n\n", "end"]
+    )
+    cloud = ScriptedCloud(replies=[["c1", "c2"]], finish_reasons=["context_full"])
+    answer, _, events = run(drafter, cloud)
+    assert answer.text == "P.\n\nc1c2edge goes on.\n\nend"
+    assert len(cloud.calls) == 1, "no more takeovers once the text outgrew the cloud"
+    rest = answer.segments[-1]
+    assert (rest.source, rest.reason) == ("edge", "edge_alone:context_full:reflection:wait")
+    assert answer.stats.cloud_full and answer.stats.fallback
+    assert answer.finish_reason == "stop"
+    assert [e.data["error"] for e in events if e.kind == "fallback"] == ["ContextFull"]
+    assert "no longer fits the cloud" in answer.notices[0]
+    assert_consistent(answer)
+
+
+def test_a_refusal_for_size_is_no_bad_request_the_answer_goes_on_locally():
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait", "\n\n", "x", ".\n\n", "Hold on", "y"])
+    too_long = errors.TextTooLong("text too long: 900 characters, limit 64")
+    cloud = ScriptedCloud(replies=[], fail_with=[too_long])
+    answer, _, _ = run(drafter, cloud)  # no CloudRefused: nothing is thrown away
+    assert answer.text == "P.\n\nx.\n\nHold ony"
+    assert len(cloud.calls) == 1
+    assert answer.stats.cloud_full and answer.stats.cloud_tokens == 0
+    assert answer.segments[-1].reason == "edge_alone:context_full:reflection:wait"
+    assert_consistent(answer)
+
+
+def test_a_bad_request_that_is_not_about_size_still_stops_with_the_partial_answer():
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait"])
+    cloud = ScriptedCloud(replies=[], fail_with=[errors.InvalidRequest("bad top_p")])
+    with pytest.raises(CloudRefused) as caught:
+        run(drafter, cloud)
+    assert caught.value.answer.text == "P.\n\n"
+
+
+def test_the_cloud_strategy_goes_on_with_the_edge_when_its_context_is_full():
+    drafter = ScriptedDrafter(["edge", " rest"])
+    cloud = ScriptedCloud(replies=[["A", ".\n\n"]], finish_reasons=["context_full"])
+    answer, _, _ = run(drafter, cloud, strategy="cloud")
+    assert answer.text == "A.\n\nedge rest"
+    assert [s.source for s in answer.segments] == ["cloud", "edge"]
+    assert len(cloud.calls) == 1
+
+
+# ---- counters that follow the text --------------------------------------------------------
+
+
+def test_takeovers_count_the_cloud_segments_not_the_failed_attempts():
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait\n\n", "x", ".\n\n", "Wait", "\n\n", "z"])
+    cloud = ScriptedCloud(replies=[["B", "."]], fail_with=[errors.Unavailable("refused"), None])
+    answer, _, _ = run(drafter, cloud)
+    cloud_segments = [s for s in answer.segments if s.source == "cloud"]
+    assert len(cloud_segments) == 1 and cloud_segments[0].text == "B."
+    assert answer.stats.takeovers == 1
+    assert (answer.stats.takeover_attempts, answer.stats.fallbacks) == (2, 1)
+    assert_consistent(answer)
+
+
+def test_the_fallback_writes_what_is_left_of_n1_and_stops_at_the_next_break():
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait\n\n", "a", "b", ".\n\n", "Wait", "R"])
+    cloud = ScriptedCloud(
+        replies=[["c1", "c2", "c3"], ["S"]], fail_after_tokens=2, end_of_sequence_on_last=True
+    )
+    answer, _, _ = run(drafter, cloud, takeover_tokens=10)
+    # the stand-in is asked for n1 - what the cloud wrote (8), never n1 + n2 (10 + 125) ...
+    fallback_call = next(c for c in drafter.calls if c[0] == "P.\n\nc1c2")
+    assert fallback_call[1] == 8
+    # ... and it stops at the break, where the policy decides again
+    fallback = next(s for s in answer.segments if s.reason.startswith("fallback:"))
+    assert fallback.text == "ab.\n\n"
+    assert len(cloud.calls) == 2
+    assert_consistent(answer)
+
+
+def test_the_negativity_counter_counts_only_what_the_cloud_wrote():
+    # the cloud writes two neutral tokens and dies; the edge's stand-in is full of "wait"
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait\n\n", " wait", " wait", " hold on"])
+    cloud = ScriptedCloud(replies=[["fine", ".", " more"]], fail_after_tokens=2)
+    session = CloudSession(cloud, "s1")
+    loop = SpeculativeSession(drafter, session, SessionOptions(max_tokens=100))
+    answer = loop.run(MESSAGES)
+    assert "wait wait" in answer.text
+    assert loop.state.negativity == 0, "the edge's fallback text is not the large model's"
+    assert loop.state.takeovers == 1
+
+
+def test_a_takeover_where_the_cloud_wrote_nothing_leaves_the_policy_state_alone():
+    drafter = ScriptedDrafter(["P", ".\n\n", "Wait\n\n", "x", "y"])
+    cloud = ScriptedCloud(replies=[], fail_with=[errors.Unavailable("refused")])
+    loop = SpeculativeSession(drafter, CloudSession(cloud, "s1"), SessionOptions(max_tokens=50))
+    loop.run(MESSAGES)
+    assert (loop.state.negativity, loop.state.takeovers) == (0, 0)
+
+
+# ---- a background prefill is waited for only so long --------------------------------------
+
+
+class SlowPrefillCloud(ScriptedCloud):
+    """A scripted cloud whose Prefill hangs until released (a slow or stuck cloud)."""
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        import threading
+
+        self.release = threading.Event()
+
+    def prefill(self, session_id, body):  # type: ignore[no-untyped-def]
+        self.release.wait(30)
+        return super().prefill(session_id, body)
+
+
+def test_a_takeover_does_not_wait_for_a_prefill_past_its_bound_and_sends_the_full_text():
+    drafter = ScriptedDrafter(["a", "b", ".\n\n"])
+    cloud = SlowPrefillCloud(replies=[["opening", " "], ["X"]], end_of_sequence_on_last=True)
+    session = CloudSession(cloud, "s1", prefill_wait_s=0.05)
+    options = SessionOptions(
+        max_tokens=100, prefill_every=2, policy=PolicyConfig(mode=Mode.NON_REASONING)
+    )
+    try:
+        answer = SpeculativeSession(drafter, session, options).run(MESSAGES)
+    finally:
+        cloud.release.set()
+    assert answer.text == "opening ab.\n\nX"
+    assert answer.stats.cloud_prefills_abandoned == 1
+    # the cloud may or may not have taken the abandoned prefill: the next call is whole
+    assert isinstance(cloud.calls[-1].text, FullText)
+
+
+# ---- the think block is decided on the wire -----------------------------------------------
+
+
+def test_a_reasoning_answer_opens_its_think_block_in_the_text_the_cloud_receives():
+    drafter = ScriptedDrafter(["Let", " me", " see", ".\n\n", "Wait", ",", " no"])
+    cloud = ScriptedCloud(replies=[["Right", "."]], end_of_sequence_on_last=True)
+    session = CloudSession(cloud, "s1")
+    options = SessionOptions(max_tokens=100, think_prefix="<think>\n")
+    answer = SpeculativeSession(drafter, session, options).run(MESSAGES)
+    assert answer.text == "<think>\nLet me see.\n\nRight."
+    assert drafter.calls[0][0] == "<think>\n", "the small model continues inside the block"
+    call = cloud.calls[0].text
+    assert isinstance(call, FullText) and call.assistant_text.startswith("<think>\n")
+    opening = answer.segments[0]
+    assert (opening.source, opening.text, opening.tokens, opening.reason) == (
+        "edge",
+        "<think>\n",
+        0,
+        "think_block",
+    )
+    assert_consistent(answer)

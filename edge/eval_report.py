@@ -1,0 +1,232 @@
+"""The evaluation's report: per-strategy summaries, the paper-shaped table, the JSON report
+and the accuracy-versus-speed plot with its Pareto front. Reads rows; knows nothing about
+models, gRPC or the results file (`edge.evaluate` writes and reads those).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge.evaluate import Row
+
+STRATEGIES: tuple[str, ...] = ("edge", "speculative", "cloud")
+"""Known strategies, in the order the table lists them (small alone, both, large alone)."""
+
+
+def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as JSON would give it back (sorted keys, tuples as lists, paths as str)."""
+    normalised: dict[str, Any] = json.loads(json.dumps(config, sort_keys=True, default=str))
+    return normalised
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class StrategySummary:
+    """One strategy's numbers. Accuracy counts every row (errors are wrong); the token and
+    speed columns are over the rows that finished without error."""
+
+    strategy: str
+    n: int
+    correct: int
+    accuracy_pct: float
+    avg_tokens: float
+    mean_wall_s: float
+    tokens_per_s: float
+    mean_tokens_per_s: float
+    mean_ttft_s: float | None
+    cloud_share_pct: float
+    takeovers_per_problem: float
+    fallbacks: int
+    errors: int
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _strategy_order(rows: Iterable[Row]) -> list[str]:
+    seen = list(dict.fromkeys(r.strategy for r in rows))
+    known = [s for s in STRATEGIES if s in seen]
+    return known + sorted(s for s in seen if s not in STRATEGIES)
+
+
+def summarize_strategy(strategy: str, rows: Sequence[Row]) -> StrategySummary:
+    ok = [r for r in rows if r.error is None]
+    tokens = sum(r.output_tokens for r in ok)
+    wall = sum(r.wall_s for r in ok)
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    correct = sum(r.correct for r in rows)
+    return StrategySummary(
+        strategy=strategy,
+        n=len(rows),
+        correct=correct,
+        accuracy_pct=100.0 * correct / len(rows) if rows else 0.0,
+        avg_tokens=_mean([r.output_tokens for r in ok]),
+        mean_wall_s=_mean([r.wall_s for r in ok]),
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        mean_tokens_per_s=_mean([r.tokens_per_s for r in ok]),
+        mean_ttft_s=_mean(ttfts) if ttfts else None,
+        cloud_share_pct=100.0 * sum(r.cloud_tokens for r in ok) / tokens if tokens else 0.0,
+        takeovers_per_problem=_mean([r.takeovers for r in ok]),
+        fallbacks=sum(r.fallback for r in rows),
+        errors=len(rows) - len(ok),
+    )
+
+
+def summarize(rows: Sequence[Row]) -> list[StrategySummary]:
+    """Per-strategy summaries, ordered edge, speculative, cloud, then any others."""
+    return [
+        summarize_strategy(s, [r for r in rows if r.strategy == s]) for s in _strategy_order(rows)
+    ]
+
+
+_TABLE_HEADER = (
+    "strategy",
+    "n",
+    "accuracy % / avg tokens",
+    "s/problem",
+    "tok/s (total)",
+    "tok/s (mean)",
+    "TTFT s",
+    "cloud share %",
+    "takeovers/problem",
+    "fallbacks",
+    "errors",
+)
+
+
+def _table_cells(s: StrategySummary) -> tuple[str, ...]:
+    ttft = "-" if s.mean_ttft_s is None else f"{s.mean_ttft_s:.2f}"
+    return (
+        s.strategy,
+        str(s.n),
+        f"{s.accuracy_pct:.1f} / {s.avg_tokens:.0f}",
+        f"{s.mean_wall_s:.1f}",
+        f"{s.tokens_per_s:.1f}",
+        f"{s.mean_tokens_per_s:.1f}",
+        ttft,
+        f"{s.cloud_share_pct:.1f}",
+        f"{s.takeovers_per_problem:.1f}",
+        str(s.fallbacks),
+        str(s.errors),
+    )
+
+
+def format_table(summaries: Sequence[StrategySummary]) -> str:
+    """A Markdown table shaped like the paper's, one row per strategy."""
+    rows = [_TABLE_HEADER, *(_table_cells(s) for s in summaries)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_TABLE_HEADER))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+
+
+def write_report(
+    summaries: Sequence[StrategySummary],
+    rows: Sequence[Row],
+    json_path: Path,
+    run_config: dict[str, Any] | None = None,
+) -> None:
+    """Summaries, per-problem rows and the run config as one JSON document."""
+    report = {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": normalise_config(run_config or {}),
+        "model_pairs": model_pairs(rows),
+        "summaries": [asdict(s) for s in summaries],
+        "rows": [asdict(r) for r in rows],
+    }
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def model_pairs(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The (cloud model, edge model checksum) pairs that answered these rows, with their
+    row counts: one pair, unless a run was resumed with allow_mixed."""
+    counts: dict[tuple[str | None, str | None], int] = {}
+    for r in rows:
+        key = (r.cloud_model, r.edge_model_sha256)
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        {"cloud_model": cloud, "edge_model_sha256": edge, "rows": n}
+        for (cloud, edge), n in counts.items()
+    ]
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def pareto_front(summaries: Sequence[StrategySummary]) -> list[StrategySummary]:
+    """Summaries no other beats on both speed and accuracy, by ascending speed."""
+
+    def dominated(a: StrategySummary) -> bool:
+        return any(
+            b.tokens_per_s >= a.tokens_per_s
+            and b.accuracy_pct >= a.accuracy_pct
+            and (b.tokens_per_s > a.tokens_per_s or b.accuracy_pct > a.accuracy_pct)
+            for b in summaries
+        )
+
+    return sorted((s for s in summaries if not dominated(s)), key=lambda s: s.tokens_per_s)
+
+
+def _staircase(front: Sequence[StrategySummary]) -> tuple[list[float], list[float]]:
+    """Corner points of the front's step line: down from each point, then right."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, s in enumerate(front):
+        if i:
+            xs.append(front[i - 1].tokens_per_s)
+            ys.append(s.accuracy_pct)
+        xs.append(s.tokens_per_s)
+        ys.append(s.accuracy_pct)
+    return xs, ys
+
+
+def plot(
+    summaries: Sequence[StrategySummary],
+    png_path: Path,
+    dataset: str = "",
+    date: str | None = None,
+) -> None:
+    """Accuracy % against tokens/s, one labelled point per strategy, Pareto front stepped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    try:
+        for s in summaries:
+            ax.scatter([s.tokens_per_s], [s.accuracy_pct], s=40, zorder=3)
+            ax.annotate(
+                s.strategy,
+                (s.tokens_per_s, s.accuracy_pct),
+                textcoords="offset points",
+                xytext=(6, 4),
+            )
+        xs, ys = _staircase(pareto_front(summaries))
+        ax.plot(xs, ys, linestyle="--", color="grey", zorder=2, label="Pareto front")
+        ax.set_xlabel("output tokens / s (wall clock)")
+        ax.set_ylabel("accuracy %")
+        when = date or datetime.now(UTC).date().isoformat()
+        ax.set_title(f"Accuracy vs speed — {dataset or 'benchmark'} — {when}")
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.15)
+        ax.legend(loc="best")
+        png_path = Path(png_path)
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)

@@ -74,7 +74,10 @@ def main() -> None:
     problems = evaluate.load_problems(datasets.resolve("math500-l123-calib"), None, None)
     drafter = Recording(LlamaDrafter(args.model, threads=args.threads, seed=args.seed))
     policy = PolicyConfig(
-        mode=Mode.NON_REASONING, trigger=Trigger.UNCERTAINTY, uncertainty_threshold=NEVER
+        mode=Mode.NON_REASONING,
+        trigger=Trigger.UNCERTAINTY,
+        uncertainty_threshold=NEVER,
+        start_tokens=0,  # no cloud here: the edge writes the opening too
     )
     sampling = Sampling(temperature=0.6, top_p=0.95, top_k=50, seed=args.seed)
     started = time.perf_counter()

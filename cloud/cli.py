@@ -3,79 +3,134 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
+from shared.cli_style import (
+    CONTEXT_SETTINGS,
+    TYPER_SETTINGS,
+    VERSION_HELP,
+    version_callback,
+)
+
 app = typer.Typer(
     help="SpecThink cloud: the large model behind a gRPC API.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    context_settings=CONTEXT_SETTINGS,
+    **TYPER_SETTINGS,
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"specthink-cloud: error: {message}", err=True)
     raise typer.Exit(code)
 
 
 @app.callback()
-def _root() -> None:
-    """SpecThink cloud."""
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help=VERSION_HELP,
+            is_eager=True,
+            callback=version_callback("specthink-cloud"),
+        ),
+    ] = False,
+) -> None:
+    """SpecThink cloud: the large model behind a gRPC API."""
 
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Hugging Face folder or id, or a .gguf file.")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0 picks a free one).", min=0, max=65535)] = 50051,
-    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    model: Annotated[
+        str,
+        typer.Option(metavar="MODEL", help="Hugging Face folder or id, or a .gguf file."),
+    ],
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(metavar="PORT", help="Port (0 picks a free one).", min=0, max=65535)
+    ] = 50051,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[
         str,
         typer.Option(
+            metavar="DTYPE",
             help="auto, bfloat16, float16 or float32. auto: bfloat16 on CUDA and on CPUs "
-            "with native bf16 (AMX, AVX512-BF16), float16 on MPS, else float32."
+            "with native bf16 (AMX, AVX512-BF16), float16 on MPS, else float32.",
         ),
     ] = "auto",
     api_key_file: Annotated[
-        Path | None, typer.Option(help="File of API keys, one per line; enables auth.")
+        Path | None,
+        typer.Option(metavar="FILE", help="File of API keys, one per line; enables auth."),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+        int | None, typer.Option(metavar="PORT", help="Serve Prometheus metrics on this port.")
     ] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Server certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Server private key (PEM).")
+    ] = None,
     tls_client_ca: Annotated[
-        Path | None, typer.Option(help="CA for client certificates: enables mutual TLS.")
+        Path | None,
+        typer.Option(metavar="FILE", help="CA for client certificates: enables mutual TLS."),
     ] = None,
-    drain_grace_s: Annotated[float, typer.Option(help="Drain grace on SIGTERM.")] = 30.0,
-    max_waiting: Annotated[int, typer.Option(help="Admission queue length.", min=0)] = 32,
+    drain_grace_s: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Drain grace on SIGTERM.")
+    ] = 30.0,
+    max_waiting: Annotated[
+        int, typer.Option(metavar="N", help="Admission queue length.", min=0)
+    ] = 32,
     max_cache_bytes: Annotated[
-        int, typer.Option(help="KV cache budget for sessions, bytes.", min=0)
+        int, typer.Option(metavar="BYTES", help="KV cache budget for sessions.", min=0)
     ] = 2 << 30,
-    session_ttl_s: Annotated[float, typer.Option(help="Idle session lifetime.")] = 600.0,
+    session_ttl_s: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Idle session lifetime.")
+    ] = 600.0,
     reflection: Annotated[bool, typer.Option(help="Serve gRPC server reflection.")] = True,
-    log_prompts: Annotated[bool, typer.Option(help="Log prompt text (off by default).")] = False,
+    log_prompts: Annotated[bool, typer.Option(help="Log prompt text.")] = False,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Where converted GGUF weights are cached.")
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Where converted GGUF weights are cached (default: $SPECTHINK_CACHE_DIR "
+            "or ~/.cache/specthink).",
+        ),
     ] = None,
 ) -> None:
-    """Load MODEL and serve takeovers until SIGTERM (then drain and exit 0)."""
-    from cloud.dtypes import parse_dtype, read_cpu_bf16_flags, resolve_dtype
+    """Load MODEL and serve takeovers until SIGTERM (then drain and exit 0).
 
-    try:
-        dtype = parse_dtype(dtype)
-    except ValueError as exc:
-        _fail(str(exc))
+    Flags, key and TLS files are checked and the port is bound before the model loads;
+    health answers NOT_SERVING until it is loaded and warm. The address is printed on
+    stdout once it serves."""
+    from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
+    from cloud.preflight import ServeChecks, serve_problems
+
+    problems = serve_problems(
+        ServeChecks(
+            model=model,
+            device=device,
+            dtype=dtype,
+            api_key_file=api_key_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+        )
+    )
+    for problem in problems:
+        typer.echo(f"specthink-cloud: error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    dtype = dtype.strip().lower()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        from cloud.engine import TransformersEngine
-    except ImportError as exc:
-        _fail(f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'")
-    from cloud.engine_thread import EngineThread
     from cloud.server import CloudServer, ServerOptions
 
     options = ServerOptions(
@@ -92,25 +147,25 @@ def serve(
         log_prompts=log_prompts,
         session_ttl_s=session_ttl_s,
     )
-    typer.echo(f"specthink-cloud: loading {model} ...", err=True)
     try:
-        engine = TransformersEngine.load(
-            model,
-            device=device,
-            dtype=dtype,
-            cache_dir=cache_dir,
-            max_cache_bytes=max_cache_bytes,
-            session_ttl_s=session_ttl_s,
-        )
-    except (ValueError, OSError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    engine_loop = EngineThread(engine)  # all model work on one thread: one warm torch pool
-    try:
-        server = CloudServer(engine_loop, options)
+        server = CloudServer(None, options)  # binds the port now: fails in a second
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    server.install_signal_handlers()
+    try:
+        server.listen()  # health NOT_SERVING while the model loads
+    except OSError as exc:
+        server.stop_now()
+        _fail(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}")
+    engine = _load(server, model, device, dtype, cache_dir, max_cache_bytes, session_ttl_s)
+    from cloud.engine_thread import EngineThread
+
+    engine_loop = EngineThread(engine)  # all model work on one thread: one warm torch pool
+    server.attach(engine_loop)
     server.start(warm_up=lambda: _warm_up(engine_loop))
+    if server.admission.closed:  # SIGTERM during the warm-up: draining, never served
+        server.wait()
+        typer.echo("specthink-cloud: drained, bye", err=True)
+        return
     info = engine.info
     why = resolve_dtype(dtype, info.device.split(":")[0], read_cpu_bf16_flags()).reason
     typer.echo(
@@ -122,6 +177,57 @@ def serve(
     print(f"specthink-cloud listening on {scheme}://{server.address}", flush=True)
     server.wait()
     typer.echo("specthink-cloud: drained, bye", err=True)
+
+
+class _StopLoading(Exception):
+    """SIGTERM or SIGINT while the model loads: stop at once, nothing to drain."""
+
+
+def _load(
+    server: Any,
+    model: str,
+    device: str,
+    dtype: str,
+    cache_dir: Path | None,
+    max_cache_bytes: int,
+    session_ttl_s: float,
+) -> Any:
+    """Load the engine while the server already answers health (NOT_SERVING). A signal
+    meanwhile stops the process with 0; a load error is one line and exit 2. Returns with
+    the server's own signal handlers (drain) in place."""
+
+    def stop_loading(signum: int, frame: object) -> None:
+        raise _StopLoading()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_loading)
+    try:
+        try:
+            from cloud.engine import TransformersEngine
+        except ImportError as exc:
+            server.stop_now()
+            _fail(
+                f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'"
+            )
+        typer.echo(f"specthink-cloud: loading {model} ...", err=True)
+        try:
+            return TransformersEngine.load(
+                model,
+                device=device,
+                dtype=dtype,
+                cache_dir=cache_dir,
+                max_cache_bytes=max_cache_bytes,
+                session_ttl_s=session_ttl_s,
+            )
+        except (ValueError, OSError) as exc:
+            server.stop_now()
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except _StopLoading:
+        server.stop_now()
+        typer.echo("specthink-cloud: stopped while loading the model", err=True)
+        raise typer.Exit(0) from None
+    finally:
+        server.install_signal_handlers()
 
 
 def _warm_up(engine: object) -> None:

@@ -1,9 +1,11 @@
 """The cloud process: a gRPC server around the servicer, with health, reflection, TLS,
 metrics and a graceful drain. No torch here: the engine is built by the caller.
 
-Life cycle: health NOT_SERVING -> engine warm-up -> SERVING (the address is printed) ->
-SIGTERM -> NOT_SERVING, admit nothing new, let in-flight takeovers finish within the
-grace period, end the rest with UNAVAILABLE, exit 0.
+Life cycle: bind the port (before the model loads, so a taken port fails in a second,
+not after minutes of loading) -> listen with health NOT_SERVING (calls get UNAVAILABLE
+while no engine is attached) -> attach the loaded engine -> warm-up -> SERVING (the
+address is printed) -> SIGTERM -> NOT_SERVING, admit nothing new, let in-flight
+takeovers finish within the grace period, end the rest with UNAVAILABLE, exit 0.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ def _add_servicer(servicer: SpecThinkServicer, server: grpc.Server) -> None:
 
 
 class CloudServer:
-    def __init__(self, engine: Engine, options: ServerOptions) -> None:
+    """Binds its port at construction (OSError with one line when it cannot). `engine`
+    may come later, through `attach`, once the model has loaded."""
+
+    def __init__(self, engine: Engine | None, options: ServerOptions) -> None:
         self.options = options
         self.engine = engine
         self.metrics = Metrics()
@@ -124,7 +129,7 @@ class CloudServer:
             )
         )
         self.sessions = SessionStore(
-            max_sessions=options.max_sessions, ttl_s=options.session_ttl_s, on_evict=engine.drop
+            max_sessions=options.max_sessions, ttl_s=options.session_ttl_s, on_evict=self._evict
         )
         api_keys = ApiKeys.from_file(options.api_key_file) if options.api_key_file else None
         self.servicer = SpecThinkServicer(
@@ -153,29 +158,56 @@ class CloudServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{options.host}:{options.port}"
         credentials = _credentials(options)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
         self.address = f"{options.host}:{self.port}"
         self.metrics_port: int | None = None  # the port metrics listen on, once started
         self._metrics_http: Any = None
+        self._listening = False
         self._stopped = threading.Event()
         self._draining = threading.Lock()
+
+    def _evict(self, key: str) -> None:
+        if self.engine is not None:
+            self.engine.drop(key)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def attach(self, engine: Engine) -> None:
+        """Hand the loaded engine to the server (health stays NOT_SERVING until `start`)."""
+        self.engine = engine
+        self.servicer.engine = engine
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)  # type: ignore[arg-type]
         self.health.set(SERVICE_NAME, status)  # type: ignore[arg-type]
 
-    def start(self, warm_up: Callable[[], None] | None = None) -> None:
-        """Listen at once (health answers NOT_SERVING), warm up, then report SERVING."""
+    def listen(self) -> None:
+        """Start answering: health (NOT_SERVING), reflection, metrics; takeovers get
+        UNAVAILABLE until an engine is attached. OSError when the metrics port is taken."""
+        if self._listening:
+            return
         self.server.start()
+        self._listening = True
         if self.options.metrics_port is not None:
             self._metrics_http = self.metrics.serve(self.options.metrics_port, self.options.host)
             if self._metrics_http is not None:
                 self.metrics_port = self._metrics_http.server_port
+
+    def start(self, warm_up: Callable[[], None] | None = None) -> None:
+        """Listen (if not yet: health answers NOT_SERVING), warm up, then report SERVING."""
+        if self.engine is None:
+            raise RuntimeError("attach an engine before start()")
+        self.listen()
         if warm_up is not None:
             warm_up()
         if not self.admission.closed:  # a drain during warm-up wins

@@ -10,7 +10,12 @@ A takeover, as `_takeover` runs it:
   write    -> stream the preamble, then the engine's n tokens
   verify   -> if the written text has a verification keyword, n2 more tokens, same call
   commit   -> record the session's new text, only if the caller is still there and the
-              session's writer, then send the final message
+              session's writer, then send the final message (the session keeps accepting
+              the previous base too, in case that message never arrives)
+
+A text that does not fit the model's context window is not an error: the takeover ends
+normally with finish reason CONTEXT_FULL and what was written so far (nothing, when the
+prompt alone does not fit), so the caller goes on without the cloud.
 
 Logs are one JSON object per line with the request id (the caller's `x-request-id`
 metadata when it sends a sane one, else a fresh one; echoed back in the initial
@@ -44,6 +49,7 @@ from shared.policy import continuation_keyword
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
+    FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
     Message,
     Sampling,
@@ -99,7 +105,7 @@ def _parsed(request: Any) -> Any:
 class SpecThinkServicer(rpc.SpecThinkServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         *,
         admission: Admission,
         sessions: SessionStore,
@@ -109,7 +115,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         log_prompts: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.engine = engine
+        self.engine = engine  # None while the model loads: calls get UNAVAILABLE
         self.admission = admission
         self.sessions = sessions
         self.limits = limits or validation.Limits()
@@ -208,6 +214,13 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         if self.admission.closed or self.stopping.is_set():
             raise errors.Unavailable("server is draining; resend to another replica")
 
+    def _model(self) -> Engine:
+        """The engine, or UNAVAILABLE while the model is still loading."""
+        engine = self.engine
+        if engine is None:
+            raise errors.Unavailable("the model is still loading; retry shortly")
+        return engine
+
     # ---- RPCs ---------------------------------------------------------------------------
 
     def Takeover(
@@ -233,7 +246,9 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         sampling = validation.sampling(sampling_from_pb(request.sampling))
         write = validation.write(write_from_pb(request.write), self.limits)
         self._refuse_when_draining()
+        self._model()
         messages, text = self.sessions.resolve(key, body)
+        base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
         call.fields["delta_chars"] = len(body.append) if isinstance(body, TextDelta) else None
         writer, superseded = self.sessions.begin_write(key, messages)
         should_stop = self._should_stop(context, superseded)
@@ -292,7 +307,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         committed = text + written
         if should_stop():
             raise self._why_stopped(context, superseded)
-        if not self.sessions.commit(key, writer, messages, committed):
+        if not self.sessions.commit(key, writer, messages, committed, base):
             raise errors.Cancelled("superseded by a newer call on the same session")
         length, digest = text_digest(committed)
         yield done_to_pb(
@@ -320,9 +335,14 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         superseded: threading.Event,
         started: float | None,
     ) -> Generator[pb.TakeoverEvent, None, Generated]:
-        """Stream the engine's chunks; the generator's return value is the Generated."""
+        """Stream the engine's chunks; the generator's return value is the Generated.
+
+        A text that does not fit the context window ends the stretch normally with
+        CONTEXT_FULL and what was streamed of it (nothing, if the prompt alone does not
+        fit): the caller goes on without the cloud; it is not a bad request."""
+        streamed, tokens = "", 0
         try:
-            for item in self.engine.generate(
+            for item in self._model().generate(
                 key, messages, text, max_tokens, sampling, stop, should_stop
             ):
                 if isinstance(item, Generated):
@@ -330,11 +350,12 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 if started is not None:
                     self.metrics.observe("ttft", self.clock() - started)
                     started = None
+                streamed, tokens = streamed + item.text, tokens + item.tokens
                 yield chunk_to_pb(item)
         except EngineCancelled:
             raise self._why_stopped(context, superseded) from None
         except EngineContextFull:
-            raise errors.InvalidRequest("text too long for the model's context window") from None
+            return Generated(FINISH_CONTEXT_FULL, Usage(0, 0, 0, tokens), 0.0, 0.0, streamed)
         raise errors.InternalError("engine ended without a result")
 
     def _gauge_load(self) -> None:
@@ -354,7 +375,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         m.inc("cache_hits", usage.cached_tokens)
         m.inc("session_hits" if usage.cached_tokens else "session_misses")
         m.inc("takeovers", finish_reason=finish)
-        stats = self.engine.cache_stats()
+        stats = self._model().cache_stats()
         m.set("session_evictions", stats.evictions)
         m.set("cache_bytes", stats.bytes)
         m.set("sessions", len(self.sessions))
@@ -382,25 +403,27 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
             key = self._session_key(context, call, req.session_id)
             body = validation.text(text_from_pb(req), self.limits)
             self._refuse_when_draining()
+            engine = self._model()
             messages, text = self.sessions.resolve(key, body)
+            base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
             writer, superseded = self.sessions.begin_write(key, messages)
             should_stop = self._should_stop(context, superseded)
             try:
                 with self.admission.slot(len(text) // 4, should_stop) as ticket:
                     self._gauge_load()
                     try:
-                        done = self.engine.prefill(key, messages, text, should_stop)
+                        done = engine.prefill(key, messages, text, should_stop)
                     except EngineCancelled:
                         raise self._why_stopped(context, superseded) from None
-                    except EngineContextFull:
+                    except EngineContextFull:  # nothing to warm: a takeover would say CONTEXT_FULL
                         raise errors.InvalidRequest(
-                            "text too long for the model's context window"
+                            "text does not fit the model's context window"
                         ) from None
             finally:
                 self._gauge_load()
             if should_stop():
                 raise self._why_stopped(context, superseded)
-            if not self.sessions.commit(key, writer, messages, text):
+            if not self.sessions.commit(key, writer, messages, text, base):
                 raise errors.Cancelled("superseded by a newer call on the same session")
             length, digest = text_digest(text)
             self._log(
@@ -427,7 +450,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         def work() -> pb.ModelInfo:
             _parsed(request)
             self._authenticate(context, call)
-            info = self.engine.info
+            info = self._model().info
             return pb.ModelInfo(
                 model_id=info.model_id,
                 tokenizer=info.tokenizer,
@@ -449,7 +472,8 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         def work() -> pb.EndSessionResponse:
             key = self._session_key(context, call, _parsed(request).session_id)
             existed = self.sessions.drop(key)
-            self.engine.drop(key)
+            if self.engine is not None:
+                self.engine.drop(key)
             self.metrics.set("sessions", len(self.sessions))
             self._log(call, "end_session", existed=existed)
             return pb.EndSessionResponse(existed=existed)

@@ -4,6 +4,11 @@ A session is private to the API key that made it: the store is keyed by (key id,
 session id), so one key can never name another's session. It holds the conversation
 and the committed assistant text, which a delta must extend (checked by length and
 SHA-256). KV caches live in the engine; this module imports no torch.
+
+The commit happens before the final message is sent, so a stream can break after the
+commit and before the caller learns of it. The caller then still holds the base it
+named, so that base (`previous`) stays acceptable for one more call, next to the new
+text: a delta against either resolves against the text it names.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ class SessionText:
     last_use: float
     writer: int = 0  # generation number of the call allowed to write
     confirmed: bool = False  # a call committed text (a delta may extend it)
+    # the base the last committing call started from (messages, text): its caller may
+    # not have received the final message naming `committed`, so a delta may name this
+    previous: tuple[tuple[Message, ...], str] | None = None
     cancel_writer: threading.Event = field(default_factory=threading.Event)
 
 
@@ -71,11 +79,15 @@ class SessionStore:
                 raise errors.BaseMismatch(
                     "the cloud holds no text for this session: send the full text"
                 )
-            if text_digest(held.committed) != (text.base_length, text.base_sha256):
-                raise errors.BaseMismatch(
-                    "delta base does not match the session's text: send the full text"
-                )
-            return held.messages, held.committed + text.append
+            named = (text.base_length, text.base_sha256)
+            if text_digest(held.committed) == named:
+                return held.messages, held.committed + text.append
+            if held.previous is not None and text_digest(held.previous[1]) == named:
+                messages, base = held.previous  # the last final message did not arrive
+                return messages, base + text.append
+            raise errors.BaseMismatch(
+                "delta base does not match the session's text: send the full text"
+            )
 
     def begin_write(self, key: str, messages: tuple[Message, ...]) -> tuple[int, threading.Event]:
         """Make the caller the session's one writer; an older call in flight is superseded
@@ -93,12 +105,25 @@ class SessionStore:
             self._sessions.move_to_end(key)
             return held.writer, held.cancel_writer
 
-    def commit(self, key: str, writer: int, messages: tuple[Message, ...], text: str) -> bool:
-        """Record the session's text, if `writer` is still its writer."""
+    def commit(
+        self,
+        key: str,
+        writer: int,
+        messages: tuple[Message, ...],
+        text: str,
+        base: str | None = None,
+    ) -> bool:
+        """Record the session's text, if `writer` is still its writer. `base`: the held
+        text the call's delta named (None for a full text); it stays acceptable as a
+        delta base until the next commit, in case the caller never hears of this one."""
         with self._lock:
             held = self._sessions.get(key)
             if held is None or held.writer != writer:
                 return False
+            if base is not None:
+                held.previous = (messages, base)
+            elif held.confirmed:
+                held.previous = (held.messages, held.committed)
             held.messages, held.committed, held.last_use = messages, text, self.clock()
             held.confirmed = True
             return True

@@ -27,7 +27,6 @@ from cloud.engine_api import (
     ShouldStop,
 )
 from cloud.server import CloudServer, ServerOptions
-from shared import errors
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
@@ -66,9 +65,11 @@ class ScriptedEngine:
     """Implements `cloud.engine_api.Engine` with no model: writes `tokens` cyclically, one
     per decode step, checking should_stop() where the real engine does.
 
-    `gate`: decoding waits for it (polling should_stop); `refuse`: errors raised by the
-    next calls instead of writing (None: write); `on_call`: run at the start of each call
-    (with its index); `drop_delay_s`: EndSession takes this long. The "KV cache" is the
+    `gate`: decoding waits for it (polling should_stop) before every token from index
+    `gate_from` on; `prefill_gate`: the same before every prefill chunk from `prefill_gate_from` on; `refuse`:
+    errors raised by the next calls instead of writing (None: write; EngineContextFull
+    too); `scripts`: per call, the tokens that call writes (then `tokens`); `on_call`: run
+    at the start of each call (with its index); `drop_delay_s`: EndSession takes this long. The "KV cache" is the
     flattened text per session, so cached tokens follow the common prefix like the real one.
     """
 
@@ -78,7 +79,11 @@ class ScriptedEngine:
     prefill_delay_s: float = 0.0
     end_after: int | None = None  # end of sequence after this many tokens
     gate: threading.Event | None = None
-    refuse: list[errors.SpecThinkError | None] = field(default_factory=list)
+    gate_from: int = 0
+    prefill_gate: threading.Event | None = None
+    prefill_gate_from: int = 0
+    refuse: list[Exception | None] = field(default_factory=list)
+    scripts: list[Sequence[str]] = field(default_factory=list)
     on_call: Callable[[int], None] | None = None
     drop_delay_s: float = 0.0
     info: EngineInfo = INFO
@@ -122,6 +127,13 @@ class ScriptedEngine:
 
     def _prefill(self, session: str, should_stop: ShouldStop) -> None:
         for i in range(self.prefill_chunks):
+            while (
+                i >= self.prefill_gate_from
+                and self.prefill_gate is not None
+                and not self.prefill_gate.wait(0.01)
+            ):
+                if should_stop():
+                    break
             if should_stop():
                 self._record("stopped", session, ("prefill", i))
                 raise EngineCancelled()
@@ -147,20 +159,21 @@ class ScriptedEngine:
         failure = self.refuse.pop(0) if self.refuse else None
         if failure is not None:
             raise failure
+        tokens = self.scripts.pop(0) if self.scripts else self.tokens
         self._record("start", session, assistant_text)
         self.started.set()
         written, finish, n = "", FINISH_LENGTH, 0
         try:
             self._prefill(session, should_stop)
             for i in range(max_tokens):
-                while self.gate is not None and not self.gate.wait(0.01):
+                while i >= self.gate_from and self.gate is not None and not self.gate.wait(0.01):
                     if should_stop():
                         break
                 if should_stop():
                     self._record("stopped", session, ("decode", i))
                     raise EngineCancelled()
                 time.sleep(self.token_delay_s)
-                token = self.tokens[i % len(self.tokens)]
+                token = tokens[i % len(tokens)]
                 written += token
                 n += 1
                 self._record("token", session, i)

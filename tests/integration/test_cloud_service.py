@@ -1,5 +1,8 @@
 """The cloud under concurrency, cancellation and supersede, on a real gRPC server on
-127.0.0.1 with a scripted engine (tests.integration.cloud_harness)."""
+127.0.0.1 with a scripted engine (tests.integration.cloud_harness).
+
+No wall-clock bounds: each test asserts which path ran (the engine's recorded events,
+the server's counters), so a loaded machine makes them slower, never red."""
 
 from __future__ import annotations
 
@@ -67,10 +70,10 @@ def test_full_queue_refuses_at_once_with_retry_hint() -> None:
         wait_for(lambda: server.admission.running == 1, what="a running")
         queued = Background(api.Takeover(full_request("b")))
         wait_for(lambda: server.admission.waiting == 1, what="b queued")
-        started = time.monotonic()
+        # answered while the gate is shut, so it cannot have waited for a place
         with pytest.raises(grpc.RpcError) as refused:
             collect(api.Takeover(full_request("c")))
-        assert time.monotonic() - started < 1.0
+        assert not gate.is_set() and server.admission.waiting == 1
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(refused.value.trailing_metadata())
         assert 50 <= int(trailers[RETRY_AFTER_KEY]) <= 30_000
@@ -98,50 +101,46 @@ def test_queue_is_fifo_so_no_session_starves() -> None:
 
 
 def test_cancel_during_prefill_stops_between_chunks() -> None:
-    engine = ScriptedEngine(prefill_chunks=200, prefill_delay_s=0.02)
+    # chunks 0-2 run; chunk 3 of 200 never gets its turn, so only the cancel can end it
+    engine = ScriptedEngine(prefill_chunks=200, prefill_gate=threading.Event(), prefill_gate_from=3)
     with running_server(engine) as server:
         _, api = stub(server.address)
         call = api.Takeover(full_request("p"))
-        wait_for(lambda: len(engine.of("prefill")) >= 3, what="prefill under way")
-        cancelled_at = time.monotonic()
+        wait_for(lambda: len(engine.of("prefill")) == 3, what="prefill under way")
         call.cancel()
         stopped = wait_for(lambda: engine.of("stopped"), what="engine stopped")[0]
-        assert stopped.detail[0] == "prefill"
-        assert stopped.at - cancelled_at < 0.02 * 2 + 0.2  # within one chunk (+ slack)
-        assert not engine.of("token")
+        assert stopped.detail == ("prefill", 3)
+        assert len(engine.of("prefill")) == 3 and not engine.of("token")
         wait_for(lambda: server.admission.running == 0, what="slot released")
+        engine.prefill_chunks = 0
         _text, done = collect(api.Takeover(full_request("next", max_tokens=2)))
         assert done.usage.generated_tokens == 2
 
 
 def test_cancel_during_decode_stops_within_one_step() -> None:
-    step = 0.05
-    engine = ScriptedEngine(token_delay_s=step)
+    # tokens 0-2 are written; token 3 never gets its turn, so only the cancel can end it
+    engine = ScriptedEngine(gate=threading.Event(), gate_from=3)
     with running_server(engine) as server:
         _, api = stub(server.address)
         call = api.Takeover(full_request("d", max_tokens=200))
         for _ in range(3):
             next(call)
-        cancelled_at = time.monotonic()
         call.cancel()
-        ended = wait_for(lambda: engine.of("stopped") + engine.of("closed"), what="engine stop")
-        after = [e for e in engine.of("token") if e.at > cancelled_at]
-        assert len(after) <= 1, f"{len(after)} tokens decoded after cancel"
-        assert ended[0].at - cancelled_at < 2 * step + 0.2
-        assert not engine.of("done")
+        stopped = wait_for(lambda: engine.of("stopped"), what="engine stop")[0]
+        assert stopped.detail == ("decode", 3)
+        assert len(engine.of("token")) == 3 and not engine.of("done")
         wait_for(lambda: server.admission.running == 0, what="slot released")
 
 
 def test_client_deadline_is_honoured_and_nothing_committed() -> None:
-    engine = ScriptedEngine(token_delay_s=0.05)
+    engine = ScriptedEngine(gate=threading.Event(), gate_from=2)  # only the deadline ends it
     with running_server(engine) as server:
         _, api = stub(server.address)
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as late:
-            collect(api.Takeover(full_request("late", max_tokens=200), timeout=0.4))
+            collect(api.Takeover(full_request("late", max_tokens=200), timeout=2.0))
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 1.5
-        wait_for(lambda: engine.of("stopped") + engine.of("closed"), what="engine stop")
+        stopped = wait_for(lambda: engine.of("stopped"), what="engine stop")[0]
+        assert stopped.detail[0] == "decode" and not engine.of("done")
         with pytest.raises(grpc.RpcError) as base:
             collect(api.Takeover(delta_request("late", "", "x")))
         assert base.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -248,6 +248,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         self._refuse_when_draining()
         self._model()
         messages, text = self.sessions.resolve(key, body)
+        validation.resolved_size(messages, text, self.limits)
         base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
         call.fields["delta_chars"] = len(body.append) if isinstance(body, TextDelta) else None
         writer, superseded = self.sessions.begin_write(key, messages)
@@ -405,6 +406,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
             self._refuse_when_draining()
             engine = self._model()
             messages, text = self.sessions.resolve(key, body)
+            validation.resolved_size(messages, text, self.limits)
             base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
             writer, superseded = self.sessions.begin_write(key, messages)
             should_stop = self._should_stop(context, superseded)
@@ -416,7 +418,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                     except EngineCancelled:
                         raise self._why_stopped(context, superseded) from None
                     except EngineContextFull:  # nothing to warm: a takeover would say CONTEXT_FULL
-                        raise errors.InvalidRequest(
+                        raise errors.TextTooLong(
                             "text does not fit the model's context window"
                         ) from None
             finally:

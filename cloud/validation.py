@@ -1,7 +1,9 @@
 """Request validation: every field checked and every size bounded, before any work.
 
 Each failure is an `InvalidRequest` whose message names the field and the limit, never
-echoing the text itself (prompts are not logged or reflected back).
+echoing the text itself (prompts are not logged or reflected back). A text over the size
+limit is a `TextTooLong` (INVALID_ARGUMENT with the `x-specthink-error: text-too-long`
+trailer): not a bad request, the text has outgrown the cloud, and the edge writes on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from shared import errors
-from shared.wire import FullText, Sampling, TextDelta, WriteSpec
+from shared.wire import FullText, Message, Sampling, TextDelta, WriteSpec
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -35,6 +37,10 @@ def _invalid(message: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(message)
 
 
+def _too_long(message: str) -> errors.TextTooLong:
+    return errors.TextTooLong(message)
+
+
 def _check_utf8(value: str, name: str) -> None:
     # protobuf rejects invalid UTF-8 on parse; lone surrogates can still arrive from Python
     try:
@@ -56,9 +62,9 @@ def text(value: FullText | TextDelta | None, limits: Limits) -> FullText | TextD
         if not SHA256_HEX.match(value.base_sha256):
             raise _invalid("delta.base_sha256 must be 64 lower-case hex digits")
         if value.base_length > limits.max_text_chars:
-            raise _invalid(f"delta.base_length exceeds {limits.max_text_chars}")
+            raise _too_long(f"delta.base_length exceeds {limits.max_text_chars}")
         if len(value.append) > limits.max_text_chars:
-            raise _invalid(f"delta.append exceeds {limits.max_text_chars} characters")
+            raise _too_long(f"delta.append exceeds {limits.max_text_chars} characters")
         _check_utf8(value.append, "delta.append")
         return value
     if len(value.messages) > limits.max_messages:
@@ -72,9 +78,16 @@ def text(value: FullText | TextDelta | None, limits: Limits) -> FullText | TextD
         _check_utf8(message.content, f"messages[{i}].content")
         total += len(message.content)
     if total > limits.max_text_chars:
-        raise _invalid(f"text too long: {total} characters, limit {limits.max_text_chars}")
+        raise _too_long(f"text too long: {total} characters, limit {limits.max_text_chars}")
     _check_utf8(value.assistant_text, "full.assistant_text")
     return value
+
+
+def resolved_size(messages: tuple[Message, ...], assistant_text: str, limits: Limits) -> None:
+    """The text a delta resolved to (held text + append) stays within the size limit."""
+    total = len(assistant_text) + sum(len(m.content) for m in messages)
+    if total > limits.max_text_chars:
+        raise _too_long(f"text too long: {total} characters, limit {limits.max_text_chars}")
 
 
 def sampling(value: Sampling) -> Sampling:

@@ -12,6 +12,8 @@ import grpc
 import pytest
 
 from cloud.engine_api import EngineContextFull
+from cloud.validation import Limits
+from shared import errors
 from shared.rpc import specthink_pb2 as pb
 from shared.wire import text_digest
 from tests.integration.cloud_harness import (
@@ -140,6 +142,24 @@ def test_context_full_during_the_continuation_keeps_the_first_stretch() -> None:
     assert done.finish_reason == pb.FINISH_REASON_CONTEXT_FULL
     assert done.usage.generated_tokens == 2
     assert (done.committed_length, done.committed_sha256) == text_digest("check!")
+
+
+def test_text_over_the_size_limit_is_text_too_long_not_a_bad_request() -> None:
+    with running_server(ScriptedEngine(), limits=Limits(max_text_chars=60)) as server:
+        _, api = stub(server.address)
+        refusals = []
+        with pytest.raises(grpc.RpcError) as full:
+            collect(api.Takeover(full_request("t", "x" * 60)))
+        refusals.append(full.value)
+        text, _ = collect(api.Takeover(full_request("t", "y" * 20, max_tokens=2)))
+        # a delta within its own bounds whose resolved text outgrows the limit
+        with pytest.raises(grpc.RpcError) as grown:
+            collect(api.Takeover(delta_request("t", "y" * 20 + text, "z" * 40)))
+        refusals.append(grown.value)
+    for refusal in refusals:
+        assert refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("x-specthink-error", "text-too-long") in tuple(refusal.trailing_metadata())
+        assert isinstance(errors.from_rpc_error(refusal), errors.TextTooLong)
 
 
 # ---- the commit window -----------------------------------------------------------------

@@ -234,25 +234,27 @@ def test_logs_carry_the_text_only_with_log_prompts(caplog: pytest.LogCaptureFixt
 
 
 @pytest.mark.real_models
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_real_serve_process_answers_then_exits_zero_after_sigterm(
     smollm2: Path, tmp_path: Path
 ) -> None:
     from tests.conftest import start_cloud
 
-    cloud = start_cloud(smollm2, tmp_path, "--metrics-port", "0", "--drain-grace-s", "20")
+    # a grace long enough for the in-flight takeover even on a loaded machine: the test is
+    # that the drain lets it finish, not how fast
+    cloud = start_cloud(smollm2, tmp_path, "--metrics-port", "0", "--drain-grace-s", "200")
     try:
         channel, api = stub(cloud.address)
         assert _health(channel) == SERVING
         assert "SmolLM2" in api.GetModelInfo(pb.ModelInfoRequest(), timeout=10).model_id
-        request = full_request("real", "The sea is", user="Describe the sea.", max_tokens=40)
+        request = full_request("real", "The sea is", user="Describe the sea.", max_tokens=16)
         request.sampling.temperature = 0.0
         call = api.Takeover(request, timeout=120)
         first = next(call)  # the takeover is under way: the drain must let it finish
         assert first.WhichOneof("event") == "chunk"
         in_flight = Background(call)
         cloud.process.send_signal(signal.SIGTERM)
-        assert cloud.process.wait(timeout=60) == 0
+        assert cloud.process.wait(timeout=230) == 0
         in_flight.join(5)
         assert in_flight.error is None, in_flight.error
         assert in_flight.done.usage.generated_tokens > 0 and in_flight.text

@@ -319,8 +319,10 @@ class GrpcCloud:
         self._connected = True
 
     def model_info(self) -> pb.ModelInfo:
-        self._connect()
+        """What the cloud serves. Safe from another thread (a background check) even while
+        the channel is being closed: that is UNAVAILABLE, not a crash."""
         try:
+            self._connect()
             return self.stub.GetModelInfo(
                 pb.ModelInfoRequest(),
                 metadata=self._metadata(),
@@ -328,6 +330,8 @@ class GrpcCloud:
             )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc) from None
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+            raise errors.Unavailable(f"the connection to the cloud is closed ({exc})") from None
 
     def end_session(self, session_id: str) -> None:
         if not self.breaker.closed or not self._connected:
@@ -459,6 +463,8 @@ class GrpcCloud:
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             return code != grpc.StatusCode.DEADLINE_EXCEEDED
+        except ValueError:  # the channel was closed under the watch (Ctrl-C, exit)
+            return False
         return True
 
     def _backoff(self, attempt: int, exc: errors.SpecThinkError) -> float:

@@ -239,6 +239,7 @@ def interruptible() -> Iterator[None]:
     the first is being cleaned up. Outside the block Ctrl-C behaves as Python's default."""
 
     def hard_exit(signum: int, frame: Any) -> None:
+        os.write(2, b"specthink-edge: interrupted again; exiting now\n")
         os._exit(EXIT_INTERRUPTED)
 
     def first(signum: int, frame: Any) -> None:

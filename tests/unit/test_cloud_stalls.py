@@ -252,3 +252,13 @@ def test_a_size_refusal_carries_its_trailer_from_the_server() -> None:
     code, _, trailers = errors.to_status(errors.TextTooLong("context window is full"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert (errors.ERROR_KIND_KEY, errors.TEXT_TOO_LONG) in trailers
+
+
+def test_asking_a_closed_connection_what_it_serves_is_unavailable_not_a_crash() -> None:
+    """A background check may ask while the answer ends and the channel is closed."""
+    cloud = GrpcCloud(ClientOptions(address="127.0.0.1:1", connect_timeout_s=0.1))
+    cloud._connected = True
+    cloud.close()
+    with pytest.raises(errors.Unavailable, match="closed"):
+        cloud.model_info()
+    assert cloud._alive() is False

@@ -124,7 +124,7 @@ def test_drain_ends_a_takeover_that_outlives_the_grace_with_unavailable() -> Non
         in_flight.join(5)
         assert in_flight.error is not None
         assert in_flight.error.code() == grpc.StatusCode.UNAVAILABLE
-        assert engine.of("stopped") and not engine.of("done")
+        assert engine.stopped and not engine.of("done")
 
 
 # ---- metrics --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ takeovers finish within the grace period, end the rest with UNAVAILABLE, exit 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -183,7 +184,12 @@ class CloudServer:
         return self._stopped.is_set()
 
     def attach(self, engine: Engine) -> None:
-        """Hand the loaded engine to the server (health stays NOT_SERVING until `start`)."""
+        """Hand the loaded engine to the server (health stays NOT_SERVING until `start`).
+        Admission follows the engine's batch-size limit (`info.max_running`, known once the
+        model is loaded; 1 for an engine that runs one call at a time). Nothing waits yet:
+        takeovers are refused with UNAVAILABLE until now."""
+        limit = max(1, int(getattr(engine.info, "max_running", 1)))
+        self.admission.limits = dataclasses.replace(self.admission.limits, max_running=limit)
         self.engine = engine
         self.servicer.engine = engine
 

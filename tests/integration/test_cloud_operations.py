@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -87,6 +88,18 @@ def test_server_listens_before_the_model_is_attached_and_answers_unavailable() -
         assert api.GetModelInfo(pb.ModelInfoRequest(), timeout=5).dtype == "float32"
         _, done = collect(api.Takeover(full_request("later", max_tokens=2)))
         assert done.usage.generated_tokens == 2 and len(engine.calls) == 1
+    finally:
+        server.stop_now()
+
+
+def test_admission_follows_the_batch_limit_of_the_engine_attached() -> None:
+    engine = ScriptedEngine()
+    engine.info = SimpleNamespace(**{**vars(engine.info), "max_running": 3})  # type: ignore[assignment]
+    server = CloudServer(None, ServerOptions(port=0))
+    try:
+        assert server.admission.limits.max_running == 1
+        server.attach(engine)
+        assert server.admission.limits.max_running == 3
     finally:
         server.stop_now()
 

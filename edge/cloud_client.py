@@ -70,7 +70,7 @@ class ClientOptions:
     first_chunk_timeout_s: float = 5.0
     stall_timeout_s: float = 5.0
     stall_factor: float = 20.0
-    liveness_timeout_s: float = 2.0
+    liveness_timeout_s: float = 3.0
     tls: bool = False
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None

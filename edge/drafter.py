@@ -239,6 +239,29 @@ class LlamaDrafter:
         return entropy_of_logits(logits)
 
 
+def system_info() -> str:
+    """What the installed llama.cpp was built with (its CPU features, backends)."""
+    import llama_cpp
+
+    return str(llama_cpp.llama_print_system_info().decode().strip())
+
+
+def decode_probe(model_path: str, tokens: int) -> tuple[int, float]:
+    """Greedy-decode `tokens` tokens of a fixed prompt with the bare runtime (no project
+    code): how many came out, and in how many seconds. edge.selfcheck runs it in a child."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, n_threads=1, verbose=False)
+    prompt = llm.tokenize(b"The capital of France is", add_bos=True)
+    started = time.perf_counter()
+    decoded = 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        decoded += 1
+        if decoded >= tokens:
+            break
+    return decoded, time.perf_counter() - started
+
+
 def entropy_of_logits(logits: Any) -> float:
     """Shannon entropy (nats) of softmax(logits), computed stably in float64."""
     import numpy as np

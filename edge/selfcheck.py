@@ -4,7 +4,7 @@
 A llama.cpp build can load a model and then die in its first `llama_decode` (a native build
 on a CPU with AMX did: SIGSEGV). A crash cannot be caught in-process, so the decode runs in a
 child process and the parent turns its death into one line that says what failed and how to
-rebuild. Only this module and edge/drafter.py touch llama_cpp (here: in the child).
+rebuild. The decode itself is edge/drafter.py's (the one module importing llama_cpp).
 """
 
 from __future__ import annotations
@@ -65,22 +65,12 @@ def check_runtime(model: str) -> CheckResult:
 
 
 def _child(model: str) -> int:
-    import time
+    from edge.drafter import decode_probe, system_info
 
-    import llama_cpp
-
-    print("system_info: " + llama_cpp.llama_print_system_info().decode().strip(), flush=True)
-    llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=1, verbose=False)
-    tokens = llm.tokenize(b"The capital of France is", add_bos=True)
-    started = time.perf_counter()
-    out = []
-    for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
-        out.append(token)
-        if len(out) >= DECODE_TOKENS:
-            break
-    took = time.perf_counter() - started
-    print(f"decoded: {len(out)} tokens in {took:.2f} s", flush=True)
-    return 0 if len(out) == DECODE_TOKENS else 1
+    print("system_info: " + system_info(), flush=True)
+    decoded, took = decode_probe(model, DECODE_TOKENS)
+    print(f"decoded: {decoded} tokens in {took:.2f} s", flush=True)
+    return 0 if decoded == DECODE_TOKENS else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,7 @@ def main() -> None:
             SessionOptions(max_tokens=args.max_tokens, sampling=sampling, policy=policy),
         )
         loop.run([Message("user", evaluate.math_prompt(problem))])
+        print(f"problem {problem.id}: {len(drafter.probes)} breaks so far", file=sys.stderr)
     probes = [p for p in drafter.probes if p]
     by_window = {
         str(w): [statistics.fmean(p[:w]) for p in probes] for w in (1, 3, len(max(probes, key=len)))

@@ -1,11 +1,12 @@
-"""Admission control: a bounded FIFO in front of the engine, which runs one call at a time.
+"""Admission control: a bounded FIFO in front of the engine, which decodes up to
+`max_running` calls together (its batch-size limit, sized from memory at load).
 
-Beyond `max_waiting` requests (or `max_waiting_tokens` of queued prefill) a request is
+Up to `max_running` requests run at once: each joins the engine's batch at its next
+step. Beyond that, requests wait in FIFO order by ticket, so no session starves; beyond
+`max_waiting` waiting requests (or `max_waiting_tokens` of queued prefill) a request is
 refused at once with `Overloaded` and a retry hint, rather than queued into a timeout.
-Waiting is FIFO by ticket, so no session starves. A waiter that is cancelled, times out
-or is drained leaves the queue without running. No torch here.
-
-The engine does not batch decoding across sessions: requests run one after another.
+A waiter that is cancelled, times out or is drained leaves the queue without running.
+No torch here.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ class Admission:
             self._cond.notify_all()
 
     def _retry_hint(self) -> float:
-        """Seconds until a place is likely free: the time to serve the queue ahead, at the
-        smoothed service time per request, between 50 ms and 30 s."""
-        ahead = (len(self._queue) + self._running) / max(1, self.limits.max_running)
-        return max(0.05, min(30.0, self._mean_run_s * max(1.0, ahead)))
+        """Seconds until a place is likely free, between 50 ms and 30 s. With a full batch
+        a place frees every mean_run_s / max_running on average (a smoothed service time
+        per request, measured while batched), and the queue ahead needs one place each."""
+        per_place = self._mean_run_s / max(1, self.limits.max_running)
+        return max(0.05, min(30.0, per_place * (len(self._queue) + 1)))
 
     @contextmanager
     def slot(self, tokens: int, should_stop: Callable[[], bool]) -> Iterator[Ticket]:

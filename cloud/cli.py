@@ -87,8 +87,21 @@ def serve(
         int, typer.Option(metavar="N", help="Admission queue length.", min=0)
     ] = 32,
     max_cache_bytes: Annotated[
-        int, typer.Option(metavar="BYTES", help="KV cache budget for sessions.", min=0)
-    ] = 2 << 30,
+        int,
+        typer.Option(
+            metavar="BYTES",
+            help="KV cache budget for sessions (0: sized from free memory; printed at start).",
+            min=0,
+        ),
+    ] = 0,
+    max_running: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Batch-size limit: takeovers decoded together (0: sized from the KV budget).",
+            min=0,
+        ),
+    ] = 0,
     session_ttl_s: Annotated[
         float, typer.Option(metavar="SECONDS", help="Idle session lifetime.")
     ] = 600.0,
@@ -156,7 +169,10 @@ def serve(
     except OSError as exc:
         server.stop_now()
         _fail(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}")
-    engine = _load(server, model, device, dtype, cache_dir, max_cache_bytes, session_ttl_s)
+    engine = _load(
+        server, model, device, dtype, cache_dir, max_cache_bytes, session_ttl_s, max_running
+    )
+    typer.echo(f"specthink-cloud: {engine.memory.describe()}", err=True)
     from cloud.engine_thread import EngineThread
 
     engine_loop = EngineThread(engine)  # all model work on one thread: one warm torch pool
@@ -191,6 +207,7 @@ def _load(
     cache_dir: Path | None,
     max_cache_bytes: int,
     session_ttl_s: float,
+    max_running: int = 0,
 ) -> Any:
     """Load the engine while the server already answers health (NOT_SERVING). A signal
     meanwhile stops the process with 0; a load error is one line and exit 2. Returns with
@@ -216,8 +233,9 @@ def _load(
                 device=device,
                 dtype=dtype,
                 cache_dir=cache_dir,
-                max_cache_bytes=max_cache_bytes,
+                max_cache_bytes=max_cache_bytes or None,
                 session_ttl_s=session_ttl_s,
+                max_running=max_running or None,
             )
         except (ValueError, OSError) as exc:
             server.stop_now()

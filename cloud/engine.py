@@ -1,22 +1,30 @@
 """The engine knows nothing about gRPC, auth, deltas or the policy: text in, text out, with a per-session KV cache.
 
-`TransformersEngine` implements `cloud.engine_api.Engine` and is the only module in the
-project that imports torch or transformers.
+`TransformersEngine` implements `cloud.engine_api.StepEngine` and is the only module in
+the project that imports torch or transformers. `cloud.engine_thread.EngineThread` runs
+its steps for many calls at once; `generate` / `prefill` run one call by themselves.
 
 One call, in the order the code runs it:
 
-1. render    conversation + assistant text -> one string (chat template, or a plain prompt)
-2. tokenize  the *whole* string; BPE merges across the old/new boundary, so token ids
-             are never appended to a cached list, they are re-derived from the text
-3. reuse     longest common token prefix with the session's cached ids; crop the KV
-             cache to it (one token less if everything is cached: the last token's
-             logits are needed to sample)
-4. prefill   the rest in chunks of `prefill_chunk`, should_stop() between chunks
-5. decode    one token at a time, should_stop() before each step; stream text through
-             an incremental detokenizer; stop on EOS, max_tokens, a stop string or a
-             full context window
-6. keep      the session holds exactly the ids whose KV is computed; LRU eviction within
-             `max_cache_bytes`, idle eviction after `session_ttl_s`
+1. plan      render conversation + assistant text to one string (chat template, or a
+             plain prompt) and tokenize the *whole* string (caller's thread); BPE merges
+             across the old/new boundary, so token ids are never appended to a cached
+             list, they are re-derived from the text
+2. start     check the session's cache out (`cloud.session_cache`); keep the longest
+             common token prefix with its ids, crop the KV to it (one token less if
+             everything is cached: the last token's logits are needed to sample)
+3. prefill   the rest, one chunk of `prefill_chunk` per step (`sharing_chunk` while other
+             calls are decoding), should_stop() between chunks; the last chunk's logits
+             give the first token
+4. decode    one token per step for every decoding call in ONE forward: their caches are
+             the rows of a left-padded batch (`cloud.batching`), each token at its own position,
+             the padding masked; calls join and leave the batch between steps.
+             `cloud.decoding.TextWriter` turns tokens into text and says when the call
+             ends (EOS, max_tokens, a stop string, a full context window; a character or
+             word left unfinished at max_tokens gets a few more tokens)
+5. finish    the session holds exactly the ids whose KV is computed; it is checked back
+             in, and idle sessions are evicted LRU-first within the KV budget
+             (`cloud.memory`, sized from the machine) and after `session_ttl_s`
 
 Models without a chat template get `shared.prompting.plain_prompt` (the same on the
 edge), then the assistant text verbatim.
@@ -38,37 +46,31 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from cloud import memory
+from cloud.batching import DecodeBatch, StepRun, own
+from cloud.decoding import IncrementalDetokenizer, TextWriter, find_stop
 from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
 from cloud.engine_api import (
     CacheStats,
-    Engine,
     EngineCancelled,
     EngineContextFull,
     EngineInfo,
     Generated,
     Prefilled,
+    Run,
     ShouldStop,
+    StepEngine,
 )
+from cloud.session_cache import CachedSession, SessionCaches
 from shared.prompting import join_prompt, plain_prompt
-from shared.wire import (
-    FINISH_CONTEXT_FULL,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    FINISH_STOP_STRING,
-    Message,
-    Sampling,
-    TextChunk,
-    Usage,
-)
+from shared.wire import Message, Sampling, TextChunk
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ _DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 # Prompt tokens handed to the detokenizer as context, so the first generated token
 # decodes with the right leading space / byte merges.
 _DETOK_CONTEXT = 6
+# Prefill chunk while other calls are decoding: their next token waits for one chunk.
+_SHARING_CHUNK = 128
+
+__all__ = ["IncrementalDetokenizer", "TransformersEngine", "find_stop", "sample"]
 
 
 def default_cache_dir() -> Path:
@@ -177,18 +183,7 @@ def _resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
     raise ValueError(f"{model}: no such model file or folder")
 
 
-# ---- sessions --------------------------------------------------------------------------
-
-
-@dataclass
-class _Session:
-    ids: list[int]  # exactly the tokens whose KV the cache holds
-    cache: Any  # transformers DynamicCache
-    last_use: float
-    held_bytes: int = 0  # its KV bytes when last checked in (counted in the engine's total)
-
-    def nbytes(self) -> int:
-        return _cache_bytes(self.cache)
+# ---- KV caches --------------------------------------------------------------------------
 
 
 def _cache_bytes(cache: Any) -> int:
@@ -217,7 +212,23 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-# ---- sampling and detokenizing ---------------------------------------------------------
+def _kv_bytes_per_token(cfg: Any, dtype: torch.dtype) -> int:
+    """KV bytes one token of context costs: layers x (K + V) x kv heads x head dim."""
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", heads) // heads)
+    layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
+    return layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory for KV on `device`, measured now (after the weights are loaded)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return memory.available_ram()
+
+
+# ---- sampling -------------------------------------------------------------
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
@@ -239,44 +250,6 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return int(order[torch.multinomial(probs, 1, generator=generator)])
 
 
-class IncrementalDetokenizer:
-    """Token ids in, text out, as TGI and vLLM do it: decode a short window before and
-    after the newest token and emit the difference, so SentencePiece leading spaces and
-    multi-byte characters split over tokens come out right. Text ending in U+FFFD (an
-    incomplete character) is held back until the next token completes it."""
-
-    def __init__(self, tokenizer: Any, context: Sequence[int]):
-        self._tok = tokenizer
-        self.ids = list(context)
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(ids, skip_special_tokens=False))
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-
-def find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
-    """The end (exclusive) of the earliest stop string in text[start:], or None."""
-    best: int | None = None
-    for s in stop:
-        if not s:
-            continue
-        i = text.find(s, start)
-        if i >= 0 and (best is None or i + len(s) < best):
-            best = i + len(s)
-    return best
-
-
 # ---- the engine ------------------------------------------------------------------------
 
 
@@ -292,11 +265,12 @@ class TransformersEngine:
         device: torch.device,
         loaded_from: str,
         converted_from: Path | None = None,
-        max_cache_bytes: int = 2 << 30,
+        max_cache_bytes: int | None = None,
         session_ttl_s: float = 600.0,
         prefill_chunk: int = 512,
         context_length: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_running: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -304,14 +278,11 @@ class TransformersEngine:
         self.loaded_from = loaded_from  # the folder or hub id actually read
         self.converted_from = converted_from  # the GGUF file, when loaded_from is its conversion
         self.load_s = 0.0
-        self.max_cache_bytes = max_cache_bytes
         self.session_ttl_s = session_ttl_s
         self.prefill_chunk = max(1, prefill_chunk)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # LRU first
-        self._hits = self._misses = self._evictions = 0
-        self._held_bytes = 0  # KV bytes of the sessions in the table, kept as a running total
+        self.sharing_chunk = _SHARING_CHUNK
+        self._model_lock = threading.RLock()  # the engine thread's steps vs a direct call
+        self._batch = DecodeBatch(_cache_of)
 
         cfg = (
             model.config.get_text_config()
@@ -320,6 +291,23 @@ class TransformersEngine:
         )
         model_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
         self.context_length = min(context_length, model_ctx) if context_length else model_ctx
+        self.memory = memory.plan(
+            device=device.type,
+            free_bytes=_free_bytes(device),
+            bytes_per_token=_kv_bytes_per_token(cfg, model.dtype),
+            context_length=self.context_length,
+            budget_bytes=max_cache_bytes,
+            max_running=max_running,
+        )
+        self.caches = SessionCaches(
+            budget_bytes=self.memory.budget_bytes,
+            ttl_s=session_ttl_s,
+            new_cache=DynamicCache,
+            nbytes=_cache_bytes,
+            crop=_crop,
+            bytes_per_token=self.memory.bytes_per_token,
+            clock=clock,
+        )
         template = getattr(tokenizer, "chat_template", None)
         self.info = EngineInfo(
             model_id=model_id,
@@ -328,6 +316,7 @@ class TransformersEngine:
             device=str(device),
             dtype=str(model.dtype).removeprefix("torch."),
             chat_template=bool(template),
+            max_running=self.memory.max_running,
         )
         self._eos = self._eos_ids()
         params = inspect.signature(model.forward).parameters
@@ -339,13 +328,14 @@ class TransformersEngine:
         model: str,
         device: str = "auto",
         cache_dir: Path | None = None,
-        max_cache_bytes: int = 2 << 30,
+        max_cache_bytes: int | None = None,
         session_ttl_s: float = 600.0,
         prefill_chunk: int = 512,
         clock: Callable[[], float] = time.monotonic,
         *,
         context_length: int | None = None,
         num_threads: int | None = None,
+        max_running: int | None = None,
         dtype: str = "auto",
     ) -> TransformersEngine:
         """Load a Hugging Face folder, hub id or `.gguf` file (converted once, then cached).
@@ -385,6 +375,7 @@ class TransformersEngine:
             prefill_chunk=prefill_chunk,
             context_length=context_length,
             clock=clock,
+            max_running=max_running,
         )
         engine.load_s = time.perf_counter() - t0
         return engine
@@ -428,56 +419,150 @@ class TransformersEngine:
 
     # ---- session cache -------------------------------------------------------------
 
-    def _checkout(self, session: str) -> _Session:
-        """Take the session out of the table for the duration of a call (a fresh one on a
-        miss), after evicting idle sessions."""
-        now = self._clock()
-        with self._lock:
-            for sid, idle in list(self._sessions.items()):
-                if now - idle.last_use > self.session_ttl_s:
-                    self._remove(sid)
-                    self._evictions += 1
-            found = self._remove(session)
-        return found or _Session(ids=[], cache=DynamicCache(), last_use=now)
+    @property
+    def max_cache_bytes(self) -> int:
+        return self.caches.budget_bytes
 
-    def _checkin(self, session: str, s: _Session) -> None:
-        """Put the session back as most recently used; evict LRU sessions (this one last)
-        until the total KV bytes fit the budget."""
-        _crop(s.cache, len(s.ids))  # an interrupted forward may have left extra KV
-        s.last_use = self._clock()
-        s.held_bytes = s.nbytes()  # O(layers) once per call; the total is kept running
-        with self._lock:
-            self._sessions[session] = s
-            self._sessions.move_to_end(session)
-            self._held_bytes += s.held_bytes
-            while self._held_bytes > self.max_cache_bytes and self._sessions:
-                self._remove(next(iter(self._sessions)))
-                self._evictions += 1
-
-    def _remove(self, session: str) -> _Session | None:
-        """Take a session out of the table and out of the byte total (lock held)."""
-        found = self._sessions.pop(session, None)
-        if found is not None:
-            self._held_bytes -= found.held_bytes
-        return found
+    @max_cache_bytes.setter
+    def max_cache_bytes(self, value: int) -> None:
+        self.caches.budget_bytes = value
 
     def drop(self, session: str) -> bool:
-        with self._lock:
-            return self._remove(session) is not None
+        return self.caches.drop(session)
 
     def cache_stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(
-                sessions=len(self._sessions),
-                bytes=self._held_bytes,
-                hits=self._hits,
-                misses=self._misses,
-                evictions=self._evictions,
+        return self.caches.stats()
+
+    def _reuse(self, s: CachedSession, prompt: list[int], need_logits: bool) -> int:
+        """Crop the session to its longest common token prefix with `prompt`; returns
+        how many prompt tokens are re-used. With need_logits, at least one prompt token
+        is left to compute, since sampling needs the last position's logits."""
+        keep = _common_prefix(s.ids, prompt)
+        if need_logits:
+            keep = min(keep, len(prompt) - 1)
+        _crop(s.cache, keep)
+        del s.ids[keep:]
+        self.caches.count_reuse(keep)
+        return keep
+
+    # ---- planning a call (the caller's thread) ----------------------------------------
+
+    def _check_fits(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("empty prompt: nothing to continue")
+        if len(prompt) > self.context_length:
+            raise EngineContextFull(
+                f"prompt is {len(prompt)} tokens; the context window is {self.context_length}"
             )
 
-    # ---- the phases ----------------------------------------------------------------
+    def plan_generate(
+        self,
+        session: str,
+        messages: Sequence[Message],
+        assistant_text: str,
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str],
+        should_stop: ShouldStop,
+    ) -> StepRun:
+        prompt = self.tokenize(messages, assistant_text)
+        self._check_fits(prompt)
+        writer = TextWriter(
+            IncrementalDetokenizer(self.tokenizer, prompt[-_DETOK_CONTEXT:]),
+            max_tokens=max_tokens,
+            stop=stop,
+            eos=self._eos,
+            room=self.context_length - len(prompt),
+        )
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        return StepRun(session, prompt, should_stop, writer, sampling, generator)
 
-    def _forward(self, s: _Session, ids: Sequence[int]) -> torch.Tensor:
+    def plan_prefill(
+        self,
+        session: str,
+        messages: Sequence[Message],
+        assistant_text: str,
+        should_stop: ShouldStop,
+    ) -> StepRun:
+        prompt = self.tokenize(messages, assistant_text)
+        self._check_fits(prompt)
+        return StepRun(session, prompt, should_stop, None, Sampling(), None)
+
+    # ---- the phases (the engine thread) -----------------------------------------------
+
+    def start(self, run: Run) -> None:
+        """Check the session's cache out; keep the longest common prefix."""
+        run = own(run)
+        with self._model_lock:
+            run.t0 = time.perf_counter()
+            run.s = self.caches.checkout(run.session)
+            run.cached = self._reuse(run.s, run.prompt, need_logits=run.writer is not None)
+            if not run.prefilling:
+                run.t1 = time.perf_counter()
+
+    def prefill_step(self, run: Run, sharing: bool) -> None:
+        """One chunk of the prompt; after the last one a generate run samples its first token."""
+        run = own(run)
+        assert run.s is not None
+        chunk = min(self.prefill_chunk, self.sharing_chunk) if sharing else self.prefill_chunk
+        with self._model_lock, torch.inference_mode():
+            start = len(run.s.ids)
+            logits = self._forward(run.s, run.prompt[start : start + chunk])
+            if run.prefilling:
+                return
+            run.t1 = time.perf_counter()
+            if run.writer is not None and run.writer.wants_token():
+                self._advance(run, self._pick(run, logits))
+
+    def decode_step(self, runs: Sequence[Run]) -> None:
+        """One token for every run: their pending tokens through the model as one batch."""
+        with self._model_lock, torch.inference_mode():
+            batch = self._batch
+            batch.settle([own(r) for r in runs])
+            before = batch.length
+            try:
+                logits = self._forward_batch(batch)
+            except BaseException:
+                batch.recover(before)  # every row back to its last completed step
+                raise
+            tokens = self._pick_rows(batch.runs, logits)
+            for run, token in zip(batch.runs, tokens, strict=True):
+                assert run.s is not None and run.pending is not None
+                run.s.ids.append(run.pending)  # its KV is computed now
+                self._advance(run, token)
+
+    def finish(self, runs: Sequence[Run]) -> None:
+        """Check the runs' caches back in; batch rows are given back first, together."""
+        mine = [own(r) for r in runs]
+        with self._model_lock:
+            self._batch.release([r for r in mine if r.in_batch])
+            for run in mine:
+                if run.s is not None:
+                    run.t2 = time.perf_counter()
+                    self.caches.checkin(run.session, run.s)
+
+    def _advance(self, run: StepRun, token: int) -> None:
+        """A sampled token becomes the run's next (pending) token; the writer decides
+        whether the call goes on (it sets `finish` when not)."""
+        assert run.writer is not None
+        run.writer.push(token)
+        run.pending = token
+        run.writer.wants_token()
+
+    def _pick(self, run: StepRun, logits: torch.Tensor) -> int:
+        return sample(logits, run.sampling, run.generator)
+
+    def _pick_rows(self, runs: Sequence[StepRun], logits: torch.Tensor) -> list[int]:
+        """One token per row; greedy rows in one argmax (one device sync for all)."""
+        greedy = logits.argmax(dim=-1).tolist()
+        return [
+            greedy[i] if r.sampling.temperature <= 0 else self._pick(r, logits[i])
+            for i, r in enumerate(runs)
+        ]
+
+    def _forward(self, s: CachedSession, ids: Sequence[int]) -> torch.Tensor:
         """Run `ids` after the session's cached tokens; returns the last position's logits."""
         start = len(s.ids)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
@@ -489,40 +574,25 @@ class TransformersEngine:
         s.ids.extend(ids)  # only once the forward has completed
         return out.logits[0, -1]
 
-    def _reuse(self, s: _Session, prompt: list[int], need_logits: bool) -> int:
-        """Crop the session to its longest common token prefix with `prompt`; returns
-        how many prompt tokens are re-used. With need_logits, at least one prompt token
-        is left to compute, since sampling needs the last position's logits."""
-        keep = _common_prefix(s.ids, prompt)
-        if need_logits:
-            keep = min(keep, len(prompt) - 1)
-        _crop(s.cache, keep)
-        del s.ids[keep:]
-        with self._lock:
-            if keep > 0:
-                self._hits += 1
-            else:
-                self._misses += 1
-        return keep
+    def _forward_batch(self, batch: DecodeBatch) -> torch.Tensor:
+        """Each row's pending token at its own position; rows are left-padded to one
+        length, and the padding is masked. Returns [rows, vocab] logits."""
+        runs = batch.runs
+        input_ids = torch.tensor([[r.pending] for r in runs], dtype=torch.long, device=self.device)
+        positions = torch.tensor(
+            [[len(r.s.ids)] for r in runs if r.s is not None], dtype=torch.long, device=self.device
+        )
+        kwargs: dict[str, Any] = {self._cache_kw: batch.cache}
+        if any(batch.pads):
+            pads = torch.tensor(batch.pads, device=self.device).unsqueeze(1)
+            columns = torch.arange(batch.length + 1, device=self.device).unsqueeze(0)
+            kwargs["attention_mask"] = (columns >= pads).long()
+        out = self.model(
+            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
+        )
+        return out.logits[:, -1]
 
-    def _prefill(
-        self, s: _Session, prompt: list[int], should_stop: ShouldStop
-    ) -> torch.Tensor | None:
-        """Compute KV for prompt[len(s.ids):] in chunks, checking should_stop() between them."""
-        logits = None
-        for start in range(len(s.ids), len(prompt), self.prefill_chunk):
-            if should_stop():
-                raise EngineCancelled("cancelled during prefill")
-            logits = self._forward(s, prompt[start : start + self.prefill_chunk])
-        return logits
-
-    def _check_fits(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise ValueError("empty prompt: nothing to continue")
-        if len(prompt) > self.context_length:
-            raise EngineContextFull(
-                f"prompt is {len(prompt)} tokens; the context window is {self.context_length}"
-            )
+    # ---- one call at a time (Engine) ------------------------------------------------
 
     def prefill(
         self,
@@ -531,18 +601,18 @@ class TransformersEngine:
         assistant_text: str,
         should_stop: ShouldStop,
     ) -> Prefilled:
-        prompt = self.tokenize(messages, assistant_text)
-        self._check_fits(prompt)
-        t0 = time.perf_counter()
-        s = self._checkout(session)
+        run = self.plan_prefill(session, messages, assistant_text, should_stop)
+        self.start(run)
         try:
-            with torch.inference_mode():
-                cached = self._reuse(s, prompt, need_logits=False)
-                self._prefill(s, prompt, should_stop)
+            while run.prefilling:
+                if should_stop():
+                    raise EngineCancelled("cancelled during prefill")
+                self.prefill_step(run, sharing=False)
         finally:
-            self._checkin(session, s)
-        usage = Usage(len(prompt), cached, len(prompt) - cached, 0)
-        return Prefilled(usage=usage, prefill_s=time.perf_counter() - t0)
+            self.finish([run])
+        out = run.outcome()
+        assert isinstance(out, Prefilled)
+        return out
 
     def generate(
         self,
@@ -554,75 +624,43 @@ class TransformersEngine:
         stop: Sequence[str],
         should_stop: ShouldStop,
     ) -> Iterator[TextChunk | Generated]:
-        prompt = self.tokenize(messages, assistant_text)
-        self._check_fits(prompt)  # raised at the call, before the first next()
-        return self._generate(session, prompt, max_tokens, sampling, stop, should_stop)
+        # planned (tokenized, checked) at the call, before the first next()
+        run = self.plan_generate(
+            session, messages, assistant_text, max_tokens, sampling, stop, should_stop
+        )
+        return self._generate(run)
 
-    def _generate(
-        self,
-        session: str,
-        prompt: list[int],
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> Iterator[TextChunk | Generated]:
-        t0 = time.perf_counter()
-        s = self._checkout(session)
+    def _generate(self, run: StepRun) -> Iterator[TextChunk | Generated]:
+        """The step loop for one call: should_stop() before every chunk and step."""
+        self.start(run)
         try:
-            with torch.inference_mode():
-                cached = self._reuse(s, prompt, need_logits=True)
-                logits = self._prefill(s, prompt, should_stop)
-                assert logits is not None  # _reuse left at least one token to compute
-                t1 = time.perf_counter()
-                generator = None
-                if sampling.seed is not None:
-                    generator = torch.Generator().manual_seed(sampling.seed)
-                detok = IncrementalDetokenizer(self.tokenizer, prompt[-_DETOK_CONTEXT:])
-                text = ""  # emitted so far
-                held = 0  # tokens decoded but not yet emitted as text
-                generated = 0
-                pending: int | None = None  # sampled, KV not computed yet
-                longest_stop = max((len(x) for x in stop), default=0)
-                while True:
-                    if generated >= max_tokens:
-                        reason = FINISH_LENGTH
-                        break
-                    if len(prompt) + generated >= self.context_length:
-                        reason = FINISH_CONTEXT_FULL
-                        break
-                    if should_stop():
-                        raise EngineCancelled("cancelled during decode")
-                    if pending is not None:
-                        logits = self._forward(s, [pending])
-                    token = sample(logits, sampling, generator)
-                    generated += 1
-                    pending = token
-                    if token in self._eos:  # the answer is complete; EOS writes no text
-                        reason = FINISH_STOP
-                        break
-                    held += 1
-                    piece = detok.add(token)
-                    if not piece:
-                        continue
-                    end = find_stop(text + piece, stop, max(0, len(text) - longest_stop + 1))
-                    if end is not None:  # keep the stop string, cut what follows it
-                        piece = (text + piece)[len(text) : end]
-                        text += piece
-                        if piece:
-                            yield TextChunk(piece, held)
-                        reason = FINISH_STOP_STRING
-                        break
-                    text += piece
-                    yield TextChunk(piece, held)
-                    held = 0
-                t2 = time.perf_counter()
+            while run.prefilling:
+                if run.should_stop():
+                    raise EngineCancelled("cancelled during prefill")
+                self.prefill_step(run, sharing=False)
+                yield from run.take()
+            while not run.done:
+                if run.should_stop():
+                    raise EngineCancelled("cancelled during decode")
+                self.decode_step([run])
+                yield from run.take()
         finally:
-            self._checkin(session, s)
-        # Tokens still held back at the end are an incomplete character: not emitted.
-        usage = Usage(len(prompt), cached, len(prompt) - cached, generated)
-        yield Generated(reason, usage, prefill_s=t1 - t0, decode_s=t2 - t1, text=text)
+            self.finish([run])
+        out = run.outcome()
+        assert isinstance(out, Generated)
+        yield out
 
 
-def _implements_engine(engine: TransformersEngine) -> Engine:
-    return engine  # mypy checks TransformersEngine against the Engine protocol here
+def _cache_of(layers: Iterable[tuple[Any, Any]]) -> Any:
+    """A DynamicCache that holds these per-layer [batch, heads, tokens, dim] tensors as
+    they are (no copy)."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates layer i, of the cache's own kind
+        layer: Any = cache.layers[i]
+        layer.keys, layer.values = k, v
+    return cache
+
+
+def _implements_engine(engine: TransformersEngine) -> StepEngine:
+    return engine  # mypy checks TransformersEngine against the StepEngine protocol here

@@ -4,6 +4,15 @@
 scripted engine. The engine knows nothing of gRPC, auth, deltas or the takeover policy:
 it turns (conversation, assistant text) into more text, re-using a per-session KV cache
 for the longest common token prefix.
+
+Two levels:
+  Engine      one call at a time, as the servicer sees it (generate, prefill, ...)
+  StepEngine  the same calls cut into steps, so that `cloud.engine_thread.EngineThread`
+              can run many at once: a call is planned into a `Run` (in the caller's
+              thread: tokenize, check the context window), started (its session's cache
+              checked out, the common prefix kept), prefilled chunk by chunk, decoded
+              one token per step *together with every other running call* (one batched
+              forward), and finished (caches checked back in).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ class EngineInfo:
     device: str
     dtype: str
     chat_template: bool
+    max_running: int = 1  # the batch-size limit: calls decoded together in one step
 
 
 @dataclass(frozen=True)
@@ -97,3 +107,71 @@ class Engine(Protocol):
         ...
 
     def cache_stats(self) -> CacheStats: ...
+
+
+class Run(Protocol):
+    """One planned generate or prefill call, as the step loop sees it."""
+
+    session: str
+    should_stop: ShouldStop
+
+    @property
+    def prefilling(self) -> bool:
+        """Prompt tokens are left to compute (started, not yet decoding)."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """Finished by itself: budget, EOS, stop string, context full, or prefill done."""
+        ...
+
+    def take(self) -> list[TextChunk]:
+        """Chunks written since the last take()."""
+        ...
+
+    def outcome(self) -> Generated | Prefilled:
+        """The result, once done."""
+        ...
+
+
+class StepEngine(Engine, Protocol):
+    """An Engine whose calls can be run in steps, many at once (see the module doc)."""
+
+    def plan_generate(
+        self,
+        session: str,
+        messages: Sequence[Message],
+        assistant_text: str,
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str],
+        should_stop: ShouldStop,
+    ) -> Run:
+        """Tokenize and check; no model work. Raises EngineContextFull / ValueError."""
+        ...
+
+    def plan_prefill(
+        self,
+        session: str,
+        messages: Sequence[Message],
+        assistant_text: str,
+        should_stop: ShouldStop,
+    ) -> Run: ...
+
+    def start(self, run: Run) -> None:
+        """Check the session's cache out and keep the longest common prefix."""
+        ...
+
+    def prefill_step(self, run: Run, sharing: bool) -> None:
+        """Compute one chunk of the run's prompt (a short one when `sharing` the step with
+        decoding runs); when the prompt is done, a generate run samples its first token."""
+        ...
+
+    def decode_step(self, runs: Sequence[Run]) -> None:
+        """One token for every run, in one batched forward. On an error every run's cache
+        is left consistent (as after its last completed step) and the error is raised."""
+        ...
+
+    def finish(self, runs: Sequence[Run]) -> None:
+        """Check the runs' caches back in (done, cancelled or failed alike)."""
+        ...

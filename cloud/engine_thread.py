@@ -1,65 +1,194 @@
-"""Run every call of an engine on one dedicated thread: the engine loop.
+"""The engine loop: one thread runs every model step, for all calls at once (continuous batching).
 
 gRPC serves each request on whichever worker thread is free. torch's OpenMP pool belongs
-to the thread that calls into it, so an engine called from many threads builds (and
-keeps spinning) a pool per thread. Here one thread does all model work, as an engine
-loop does in vLLM or TGI; request threads only pass chunks along. No torch is imported:
-this wraps any `cloud.engine_api.Engine`.
+to the thread that calls into it, so here one thread does all model work, as the engine
+loop does in vLLM or TGI; request threads only plan their call (tokenize) and pass chunks
+along. No torch is imported: this drives any `cloud.engine_api.StepEngine`.
+
+One step of the loop, in the order `_step` runs it:
+
+  retire   calls whose caller stopped reading, was cancelled, superseded or ran past its
+           deadline leave now (should_stop() is checked for every call, every step)
+  admit    waiting calls join, first come first served, while fewer than `max_running`
+           run; a call waits while another call on its session runs (one writer each)
+  prefill  ONE chunk of the oldest call still prefilling: a long prompt delays the
+           running decodes by one chunk per step, never by its whole length
+  decode   ONE batched forward: a token for every call that is decoding
+  deliver  each call's new chunks go to its caller; finished calls check their caches in
+
+With `max_running=1` this is the one-call-at-a-time engine of before.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from cloud.engine_api import CacheStats, Engine, Generated, Prefilled, ShouldStop
+from cloud.engine_api import (
+    CacheStats,
+    EngineCancelled,
+    Generated,
+    Prefilled,
+    Run,
+    ShouldStop,
+    StepEngine,
+)
 from shared.wire import Message, Sampling, TextChunk
 
 _END = object()
 
 
-class EngineThread:
-    """An `Engine` whose generate/prefill run on one thread, in the order they arrive."""
+@dataclass
+class _Call:
+    run: Run
+    out: queue.Queue[Any] = field(default_factory=queue.Queue)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
-    def __init__(self, engine: Engine) -> None:
+    def stopped(self) -> bool:
+        return self.abandoned.is_set() or self.run.should_stop()
+
+    def deliver(self) -> None:
+        for chunk in self.run.take():
+            self.out.put(chunk)
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.out.put(error if error is not None else self.run.outcome())
+        self.out.put(_END)
+
+
+class EngineThread:
+    """A `StepEngine` behind one thread that decodes up to `max_running` calls together."""
+
+    def __init__(self, engine: StepEngine, max_running: int | None = None) -> None:
         self.engine = engine
         self.info = engine.info
-        self._jobs: queue.Queue[tuple[Callable[[], Iterator[Any]], queue.Queue[Any]] | None] = (
-            queue.Queue()
-        )
+        self.max_running = max(1, max_running or engine.info.max_running)
+        self.steps = 0  # decode steps run
+        self.batch_sizes: Counter[int] = Counter()  # decode steps by how many calls they held
+        self.prefill_chunks = 0
+        self._observers: list[Callable[[int], None]] = []
+        self._arrivals: queue.Queue[_Call | None] = queue.Queue()
+        self._waiting: deque[_Call] = deque()
+        self._running: list[_Call] = []
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            work, out = job
-            try:
-                for item in work():
-                    out.put(item)
-                out.put(_END)
-            except BaseException as exc:  # handed to the caller's thread
-                out.put(exc)
+    def add_step_observer(self, observer: Callable[[int], None]) -> None:
+        """Call `observer(batch_size)` after every decode step (metrics)."""
+        self._observers.append(observer)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        self._arrivals.put(None)
 
-    def _submit(
-        self, work: Callable[[], Iterator[Any]], abandoned: threading.Event
-    ) -> Iterator[Any]:
-        out: queue.Queue[Any] = queue.Queue()
-        self._jobs.put((work, out))
+    # ---- the loop (engine thread) ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._take_arrivals(block=not (self._waiting or self._running))
+            try:
+                self._step()
+            except BaseException as exc:  # a bug in the loop itself: fail everyone, go on
+                for call in [*self._running, *self._waiting]:
+                    call.end(exc)
+                self._running.clear()
+                self._waiting.clear()
+        for call in [*self._running, *self._waiting]:
+            call.end(EngineCancelled("engine closed"))
+
+    def _take_arrivals(self, block: bool) -> None:
         try:
-            while (item := out.get()) is not _END:
+            item = self._arrivals.get() if block else self._arrivals.get_nowait()
+            while True:
+                if item is None:
+                    self._closed = True
+                    return
+                self._waiting.append(item)
+                item = self._arrivals.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        # retire
+        for call in [c for c in self._waiting if c.stopped()]:
+            self._waiting.remove(call)
+            call.end(EngineCancelled("cancelled while waiting"))
+        self._finish([c for c in self._running if c.stopped()], EngineCancelled("cancelled"))
+        # admit
+        busy = {c.run.session for c in self._running}
+        for call in list(self._waiting):
+            if len(self._running) >= self.max_running:
+                break
+            if call.run.session in busy:
+                continue
+            self._waiting.remove(call)
+            try:
+                self.engine.start(call.run)
+            except Exception as exc:
+                self._finish([call], exc)
+                continue
+            self._running.append(call)
+            busy.add(call.run.session)
+        # prefill: one chunk of the oldest call still prefilling
+        decoding = [c for c in self._running if not c.run.prefilling and not c.run.done]
+        filling = next((c for c in self._running if c.run.prefilling), None)
+        if filling is not None:
+            try:
+                self.engine.prefill_step(filling.run, sharing=bool(decoding))
+                self.prefill_chunks += 1
+            except Exception as exc:
+                self._finish([filling], exc)
+            else:
+                filling.deliver()
+        # decode: one token for every decoding call, in one forward
+        if decoding:
+            try:
+                self.engine.decode_step([c.run for c in decoding])
+            except Exception as exc:
+                self._finish(decoding, exc)
+            else:
+                self.steps += 1
+                self.batch_sizes[len(decoding)] += 1
+                for observe in self._observers:
+                    observe(len(decoding))
+                for call in decoding:
+                    call.deliver()
+        self._finish([c for c in self._running if c.run.done])
+
+    def _finish(self, calls: Sequence[_Call], error: BaseException | None = None) -> None:
+        """Check the calls' caches in (together: a batch gives up its rows once), then end
+        each call with its outcome or `error`."""
+        if not calls:
+            return
+        runs = [c.run for c in calls]
+        try:
+            self.engine.finish(runs)
+        except Exception as exc:  # nothing more to save: the callers learn of it
+            error = error or exc
+        for call in calls:
+            if call in self._running:
+                self._running.remove(call)
+            call.end(error)
+
+    # ---- the callers' side (gRPC threads) ----------------------------------------------
+
+    def _submit(self, call: _Call) -> Iterator[Any]:
+        self._arrivals.put(call)
+        item: Any = None
+        try:
+            while (item := call.out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             if item is not _END and not isinstance(item, BaseException):
-                abandoned.set()  # the caller stopped reading: stop at the next step ...
-                while (rest := out.get()) is not _END and not isinstance(rest, BaseException):
-                    pass  # ... and wait for it, so one call runs at a time
+                call.abandoned.set()  # the caller stopped reading: it leaves at the next step
+                while (rest := call.out.get()) is not _END and not isinstance(rest, BaseException):
+                    pass  # ... and its cache is checked in before this returns
 
     def generate(
         self,
@@ -71,20 +200,10 @@ class EngineThread:
         stop: Sequence[str],
         should_stop: ShouldStop,
     ) -> Iterator[TextChunk | Generated]:
-        abandoned = threading.Event()
-
-        def work() -> Iterator[TextChunk | Generated]:
-            return self.engine.generate(
-                session,
-                messages,
-                assistant_text,
-                max_tokens,
-                sampling,
-                stop,
-                lambda: abandoned.is_set() or should_stop(),
-            )
-
-        return self._submit(work, abandoned)
+        run = self.engine.plan_generate(
+            session, messages, assistant_text, max_tokens, sampling, stop, should_stop
+        )  # raises EngineContextFull here, in the caller's thread
+        return self._submit(_Call(run))
 
     def prefill(
         self,
@@ -93,13 +212,10 @@ class EngineThread:
         assistant_text: str,
         should_stop: ShouldStop,
     ) -> Prefilled:
-        abandoned = threading.Event()
-
-        def work() -> Iterator[Prefilled]:
-            yield self.engine.prefill(session, messages, assistant_text, should_stop)
-
-        (done,) = list(self._submit(work, abandoned))
-        return done  # type: ignore[no-any-return]
+        run = self.engine.plan_prefill(session, messages, assistant_text, should_stop)
+        (done,) = list(self._submit(_Call(run)))
+        assert isinstance(done, Prefilled)
+        return done
 
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
         return self.engine.count_tokens(messages, assistant_text)

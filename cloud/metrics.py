@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class Metrics:
@@ -25,7 +26,20 @@ class Metrics:
             "specthink:num_requests_running", "Requests on the engine now.", registry=r
         )
         self.waiting = prom.Gauge(
-            "specthink:num_requests_waiting", "Requests waiting for the engine.", registry=r
+            "specthink:num_requests_waiting",
+            "Requests waiting for a place in the engine's batch.",
+            registry=r,
+        )
+        self.max_running = prom.Gauge(
+            "specthink:max_running",
+            "Batch-size limit: requests the engine decodes together at most.",
+            registry=r,
+        )
+        self.batch_size = prom.Histogram(
+            "specthink:decode_batch_size",
+            "Requests decoded together, per engine step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.ttft = prom.Histogram(
             "specthink:time_to_first_token_seconds",
@@ -81,6 +95,17 @@ class Metrics:
         self.errors = prom.Counter(
             "specthink:request_errors", "Requests that failed.", ["code"], registry=r
         )
+
+    def watch_engine(self, engine: Any) -> None:
+        """Record the engine's batch-size limit, and the batch size of every decode step
+        when it runs in steps (`cloud.engine_thread.EngineThread.add_step_observer`)."""
+        if not self.enabled:
+            return
+        info = getattr(engine, "info", None)
+        self.max_running.set(getattr(info, "max_running", 1))
+        add_observer = getattr(engine, "add_step_observer", None)
+        if add_observer is not None:
+            add_observer(self.batch_size.observe)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:
         if not self.enabled:

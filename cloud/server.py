@@ -190,6 +190,7 @@ class CloudServer:
         takeovers are refused with UNAVAILABLE until now."""
         limit = max(1, int(getattr(engine.info, "max_running", 1)))
         self.admission.limits = dataclasses.replace(self.admission.limits, max_running=limit)
+        self.metrics.watch_engine(engine)  # the batch limit, and each decode step's batch size
         self.engine = engine
         self.servicer.engine = engine
 

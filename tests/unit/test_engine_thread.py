@@ -1,4 +1,8 @@
-"""The engine loop: every model call on one thread, chunks passed back in order."""
+"""The engine loop: every model step on one thread, many calls decoded together.
+
+A scripted StepEngine records what each step did (which calls a decode step held, which
+call a prefill chunk was for), so the tests read the schedule, not the clock.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,66 @@ import pytest
 from cloud.engine_api import (
     CacheStats,
     EngineCancelled,
+    EngineContextFull,
     EngineInfo,
     Generated,
     Prefilled,
+    Run,
     ShouldStop,
 )
 from cloud.engine_thread import EngineThread
 from shared.wire import FINISH_LENGTH, Message, Sampling, TextChunk, Usage
 
+CHUNK = 4  # prompt tokens per prefill chunk
 
-class CountingEngine:
-    info = EngineInfo("fake", "fake/10", 100, "cpu", "float32", False)
 
-    def __init__(self) -> None:
+class ScriptedRun:
+    def __init__(self, session: str, prompt: int, max_tokens: int | None, should_stop: ShouldStop):
+        self.session = session
+        self.should_stop = should_stop
+        self.prompt = prompt
+        self.left = prompt  # prompt tokens not yet prefilled
+        self.max_tokens = max_tokens  # None: a prefill call
+        self.started = False
+        self.written = 0
+        self.chunks: list[TextChunk] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.started and self.left > 0
+
+    @property
+    def done(self) -> bool:
+        if not self.started or self.prefilling:
+            return False
+        return self.max_tokens is None or self.written >= self.max_tokens
+
+    def take(self) -> list[TextChunk]:
+        chunks, self.chunks = self.chunks, []
+        return chunks
+
+    def outcome(self) -> Generated | Prefilled:
+        usage = Usage(self.prompt, 0, self.prompt, self.written)
+        if self.max_tokens is None:
+            return Prefilled(usage, 0.0)
+        return Generated(
+            FINISH_LENGTH, usage, 0.0, 0.0, "".join(str(i) for i in range(self.written))
+        )
+
+
+class ScriptedStepEngine:
+    """Records the schedule: ("prefill", session), ("decode", (sessions...)), ..."""
+
+    def __init__(self, max_running: int = 8) -> None:
+        self.info = EngineInfo("fake", "fake", 1000, "cpu", "float32", False, max_running)
         self.threads: set[int] = set()
-        self.steps = 0
+        self.log: list[tuple[str, object]] = []
+        self.gate = threading.Event()  # the first step waits for it: calls pile up first
+        self.gate.set()
+        self.fail_decode_of: str | None = None
+        self.finished: list[str] = []
 
-    def generate(
+    def plan_generate(
         self,
         session: str,
         messages: Sequence[Message],
@@ -35,29 +82,56 @@ class CountingEngine:
         sampling: Sampling,
         stop: Sequence[str],
         should_stop: ShouldStop,
-    ) -> Iterator[TextChunk | Generated]:
-        self.threads.add(threading.get_ident())
-        if assistant_text == "boom":
-            raise EngineCancelled("told to")
-        for i in range(max_tokens):
-            if should_stop():
-                raise EngineCancelled("stopped")
-            self.steps += 1
-            yield TextChunk(str(i), 1)
-        yield Generated(FINISH_LENGTH, Usage(1, 0, 1, max_tokens), 0.0, 0.0, "")
+    ) -> ScriptedRun:
+        if assistant_text == "too long":
+            raise EngineContextFull("too long")
+        return ScriptedRun(session, max(1, len(assistant_text)), max_tokens, should_stop)
 
-    def prefill(
+    def plan_prefill(
         self,
         session: str,
         messages: Sequence[Message],
         assistant_text: str,
         should_stop: ShouldStop,
-    ) -> Prefilled:
+    ) -> ScriptedRun:
+        return ScriptedRun(session, max(1, len(assistant_text)), None, should_stop)
+
+    def start(self, run: Run) -> None:
+        assert isinstance(run, ScriptedRun)
+        self.gate.wait()
         self.threads.add(threading.get_ident())
-        return Prefilled(Usage(3, 0, 3, 0), 0.0)
+        run.started = True
+        self.log.append(("start", run.session))
+
+    def prefill_step(self, run: Run, sharing: bool) -> None:
+        assert isinstance(run, ScriptedRun)
+        run.left = max(0, run.left - CHUNK)
+        self.log.append(("prefill", run.session))
+
+    def decode_step(self, runs: Sequence[Run]) -> None:
+        self.threads.add(threading.get_ident())
+        sessions = tuple(r.session for r in runs)
+        self.log.append(("decode", sessions))
+        if self.fail_decode_of in sessions:
+            raise RuntimeError("the model broke")
+        for r in runs:
+            assert isinstance(r, ScriptedRun)
+            r.chunks.append(TextChunk(str(r.written), 1))
+            r.written += 1
+
+    def finish(self, runs: Sequence[Run]) -> None:
+        self.finished.extend(r.session for r in runs)
+        self.log.append(("finish", tuple(r.session for r in runs)))
+
+    # the rest of the Engine protocol (unused by the loop)
+    def generate(self, *args: object) -> Iterator[TextChunk | Generated]:
+        raise AssertionError("the loop runs steps, not whole calls")
+
+    def prefill(self, *args: object) -> Prefilled:
+        raise AssertionError("the loop runs steps, not whole calls")
 
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
-        return 1
+        return len(assistant_text)
 
     def drop(self, session: str) -> bool:
         return True
@@ -65,44 +139,207 @@ class CountingEngine:
     def cache_stats(self) -> CacheStats:
         return CacheStats(0, 0, 0, 0, 0)
 
+    def decode_steps(self) -> list[tuple[str, ...]]:
+        return [s for kind, s in self.log if kind == "decode"]  # type: ignore[misc]
 
-def generate(loop: EngineThread, n: int, text: str = "") -> Iterator[TextChunk | Generated]:
-    return loop.generate("s", [Message("user", "hi")], text, n, Sampling(), (), lambda: False)
+
+def generate(
+    loop: EngineThread,
+    session: str,
+    n: int,
+    text: str = "x",
+    should_stop: ShouldStop = lambda: False,
+) -> Iterator[TextChunk | Generated]:
+    return loop.generate(session, [Message("user", "hi")], text, n, Sampling(), (), should_stop)
 
 
-def test_calls_from_many_threads_all_run_on_the_one_engine_thread():
-    engine = CountingEngine()
+def run_concurrently(loop: EngineThread, calls: dict[str, tuple[int, str]]) -> dict[str, object]:
+    """Each call from its own thread; returns each session's events, or its exception."""
+    results: dict[str, object] = {}
+
+    def one(session: str, n: int, text: str) -> None:
+        try:
+            results[session] = list(generate(loop, session, n, text))
+        except Exception as exc:
+            results[session] = exc
+
+    threads = [threading.Thread(target=one, args=(s, n, t)) for s, (n, t) in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+@pytest.fixture()
+def engine() -> Iterator[ScriptedStepEngine]:
+    yield ScriptedStepEngine()
+
+
+def wait_queued(loop: EngineThread, n: int) -> None:
+    """Until the loop is held in the first call's start and the other n - 1 are queued."""
+    while loop._arrivals.qsize() + len(loop._waiting) < n - 1:
+        threading.Event().wait(0.005)
+    threading.Event().wait(0.05)
+
+
+def held_back(
+    engine: ScriptedStepEngine, loop: EngineThread, calls: dict[str, tuple[int, str]]
+) -> dict[str, object]:
+    """Run `calls` with the first step held until all of them are queued."""
+    engine.gate.clear()
+    box: dict[str, dict[str, object]] = {}
+    runner = threading.Thread(target=lambda: box.setdefault("r", run_concurrently(loop, calls)))
+    runner.start()
+    wait_queued(loop, len(calls))
+    engine.gate.set()
+    runner.join(timeout=30)
+    return box["r"]
+
+
+# ---- batching ---------------------------------------------------------------------------
+
+
+def test_calls_running_at_once_decode_together_in_one_step(engine):
     loop = EngineThread(engine)
-    results: list[list[TextChunk | Generated]] = []
-    workers = [
-        threading.Thread(target=lambda: results.append(list(generate(loop, 3)))) for _ in range(4)
-    ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    loop.prefill("s", [Message("user", "hi")], "", lambda: False)
+    results = held_back(engine, loop, {f"s{i}": (10, "x") for i in range(4)})
+    for events in results.values():
+        assert isinstance(events, list)
+        assert [c.text for c in events[:-1]] == [str(i) for i in range(10)]
+        assert isinstance(events[-1], Generated)
+    steps = engine.decode_steps()
+    assert max(len(s) for s in steps) == 4
+    assert len(steps) < 4 * 10  # one step writes a token for each running call
+    assert loop.batch_sizes[4] >= 1 and loop.steps == len(steps)
+    loop.close()
+
+
+def test_the_batch_never_holds_more_than_max_running(engine):
+    loop = EngineThread(engine, max_running=2)
+    results = held_back(engine, loop, {f"s{i}": (3, "x") for i in range(5)})
+    assert all(isinstance(r, list) and isinstance(r[-1], Generated) for r in results.values())
+    assert max(len(s) for s in engine.decode_steps()) == 2
+    loop.close()
+
+
+def test_a_new_call_joins_between_steps_without_waiting_for_the_others(engine):
+    loop = EngineThread(engine)
+    long = generate(loop, "long", 1000)
+    next(long)  # "long" is decoding
+    events = list(generate(loop, "short", 3))  # finishes while "long" still runs
+    assert isinstance(events[-1], Generated)
+    joined = [s for s in engine.decode_steps() if "short" in s]
+    assert all("long" in s for s in joined)
+    long.close()
+    loop.close()
+
+
+def test_a_long_prefill_delays_running_decodes_by_one_chunk_per_step(engine):
+    loop = EngineThread(engine)
+    long = generate(loop, "decoding", 1000)
+    next(long)
+    list(generate(loop, "reader", 2, text="p" * (CHUNK * 10)))  # 10 chunks of prompt
+    after = engine.log[engine.log.index(("start", "reader")) :]
+    chunks_between_decodes = 0
+    for kind, _ in after:
+        if kind == "prefill":
+            chunks_between_decodes += 1
+            assert chunks_between_decodes <= 1
+        elif kind == "decode":
+            chunks_between_decodes = 0
+    assert sum(1 for e in after if e == ("prefill", "reader")) == 10
+    long.close()
+    loop.close()
+
+
+def test_calls_on_one_session_run_one_after_the_other(engine):
+    loop = EngineThread(engine)
+    engine.gate.clear()
+    threads = [threading.Thread(target=lambda: list(generate(loop, "dup", 5))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_queued(loop, 2)
+    engine.gate.set()
+    for t in threads:
+        t.join(30)
+    assert all(s.count("dup") <= 1 for s in engine.decode_steps())
+    starts = [i for i, e in enumerate(engine.log) if e == ("start", "dup")]
+    ends = [i for i, e in enumerate(engine.log) if e[0] == "finish" and "dup" in e[1]]  # type: ignore[operator]
+    assert len(starts) == 2 and starts[0] < ends[0] < starts[1]
+    loop.close()
+
+
+# ---- per call: cancellation, errors, what reaches the caller ------------------------------
+
+
+def test_a_cancelled_call_leaves_at_the_next_step_and_the_others_go_on(engine):
+    loop = EngineThread(engine)
+    stop = threading.Event()
+    cancelled = generate(loop, "cancelled", 1000, should_stop=stop.is_set)
+    next(cancelled)
+    other = generate(loop, "other", 20)
+    next(other)
+    stop.set()
+    with pytest.raises(EngineCancelled):
+        list(cancelled)
+    rest = list(other)
+    assert isinstance(rest[-1], Generated) and rest[-1].usage.generated_tokens == 20
+    assert "cancelled" in engine.finished
+    loop.close()
+
+
+def test_a_caller_that_stops_reading_stops_its_call_at_the_next_step(engine):
+    loop = EngineThread(engine)
+    stream = generate(loop, "s", 10_000)
+    next(stream)
+    stream.close()  # e.g. the client cancelled; returns once its cache is checked in
+    assert "s" in engine.finished
+    assert len(engine.decode_steps()) < 10_000
+    assert list(generate(loop, "s", 2))[-1].usage.generated_tokens == 2  # the loop goes on
+    loop.close()
+
+
+def test_a_failed_step_fails_the_calls_in_it_and_the_loop_goes_on(engine):
+    loop = EngineThread(engine)
+    engine.fail_decode_of = "broken"
+    with pytest.raises(RuntimeError, match="the model broke"):
+        list(generate(loop, "broken", 3))
+    assert "broken" in engine.finished
+    engine.fail_decode_of = None
+    assert list(generate(loop, "next", 2))[-1].usage.generated_tokens == 2
+    loop.close()
+
+
+def test_a_prompt_too_long_is_refused_at_the_call_in_the_callers_thread(engine):
+    loop = EngineThread(engine)
+    with pytest.raises(EngineContextFull):
+        generate(loop, "s", 3, text="too long")
+    assert engine.log == []
+    loop.close()
+
+
+def test_prefill_calls_run_in_the_loop_and_return_their_usage(engine):
+    loop = EngineThread(engine)
+    done = loop.prefill("s", [Message("user", "hi")], "p" * 9, lambda: False)
+    assert done.usage.prompt_tokens == 9
+    assert [e for e in engine.log if e[0] == "prefill"] == [("prefill", "s")] * 3
+    loop.close()
+
+
+def test_every_model_step_runs_on_the_one_engine_thread(engine):
+    loop = EngineThread(engine)
+    run_concurrently(loop, {f"s{i}": (3, "x") for i in range(4)})
+    loop.prefill("p", [Message("user", "hi")], "x", lambda: False)
     assert len(engine.threads) == 1
     assert engine.threads != {threading.get_ident()}
-    assert all([c.text for c in r[:-1]] == ["0", "1", "2"] for r in results)
-    assert all(isinstance(r[-1], Generated) for r in results)
     loop.close()
 
 
-def test_engine_errors_reach_the_caller():
-    loop = EngineThread(CountingEngine())
-    with pytest.raises(EngineCancelled):
-        list(generate(loop, 3, text="boom"))
-    loop.close()
-
-
-def test_a_caller_that_stops_reading_stops_the_engine_at_its_next_step():
-    engine = CountingEngine()
+def test_step_observers_see_each_decode_steps_batch_size(engine):
     loop = EngineThread(engine)
-    stream = generate(loop, 10_000)
-    next(stream)
-    stream.close()  # e.g. the client cancelled; returns once the engine has stopped
-    steps = engine.steps
-    assert steps < 10_000
-    assert list(generate(loop, 2))[-1].usage.generated_tokens == 2  # the loop goes on
+    seen: list[int] = []
+    loop.add_step_observer(seen.append)
+    held_back(engine, loop, {"a": (5, "x"), "b": (5, "x")})
+    assert seen == [len(s) for s in engine.decode_steps()]
+    assert 2 in seen
     loop.close()

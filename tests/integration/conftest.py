@@ -1,0 +1,33 @@
+"""Fixtures for the engine tests on real SmolLM2-135M: one engine for the test session,
+its converted weights in the tests' own cache folder (never the user's ~/.cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def engine_cache_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Where the engine tests keep converted GGUF weights: pytest's cache folder of this
+    checkout (kept between runs, so SmolLM2 is dequantized once per checkout), or a
+    temporary folder when the cache plugin is off."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("specthink-engine"))
+    return tmp_path_factory.mktemp("specthink-engine")
+
+
+@pytest.fixture(scope="session")
+def smol_engine(smollm2: Path, engine_cache_dir: Path) -> Any:
+    """A `TransformersEngine` on SmolLM2-135M (CPU, fp32), shared by the session's tests:
+    each test uses its own session ids."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from cloud.engine import TransformersEngine
+
+    return TransformersEngine.load(str(smollm2), device="cpu", cache_dir=engine_cache_dir)

@@ -1,0 +1,60 @@
+"""The KV budget and batch limit a cloud picks from its machine (cloud.memory)."""
+
+from __future__ import annotations
+
+from cloud import memory
+
+GIB = 1 << 30
+QWEN_05B_FP32 = 24 * 2 * 2 * 64 * 4  # layers x (K+V) x kv heads x head dim x bytes
+
+
+def test_cpu_budget_is_a_share_of_available_ram():
+    p = memory.plan(
+        device="cpu", free_bytes=16 * GIB, bytes_per_token=QWEN_05B_FP32, context_length=32768
+    )
+    assert p.budget_bytes == int(16 * GIB * memory.RAM_FRACTION)
+    assert "available CPU RAM" in p.describe()
+
+
+def test_cuda_budget_is_a_fraction_of_free_memory_after_the_weights():
+    p = memory.plan(
+        device="cuda", free_bytes=70 * GIB, bytes_per_token=262144, context_length=32768
+    )
+    assert p.budget_bytes == int(70 * GIB * memory.CUDA_FRACTION)
+    assert p.max_running == p.budget_bytes // (262144 * memory.TYPICAL_SESSION_TOKENS)
+
+
+def test_the_budget_is_never_below_one_full_context():
+    p = memory.plan(
+        device="cpu", free_bytes=1 << 20, bytes_per_token=QWEN_05B_FP32, context_length=32768
+    )
+    assert p.budget_bytes == QWEN_05B_FP32 * 32768
+    assert p.max_running >= 1
+    assert "raised to one full context" in p.describe()
+
+
+def test_the_batch_limit_follows_the_budget_within_its_cap():
+    small = memory.plan(
+        device="cpu", free_bytes=2 * GIB, bytes_per_token=QWEN_05B_FP32, context_length=32768
+    )
+    large = memory.plan(
+        device="cpu", free_bytes=64 * GIB, bytes_per_token=QWEN_05B_FP32, context_length=32768
+    )
+    assert 1 <= small.max_running < large.max_running <= memory.MAX_RUNNING_CAP
+
+
+def test_explicit_values_win_and_say_so():
+    p = memory.plan(
+        device="cpu",
+        free_bytes=64 * GIB,
+        bytes_per_token=100,
+        context_length=1000,
+        budget_bytes=12345,
+        max_running=3,
+    )
+    assert (p.budget_bytes, p.max_running) == (12345, 3)
+    assert "--max-cache-bytes" in p.describe() and "--max-running" in p.describe()
+
+
+def test_available_ram_is_read_from_this_machine():
+    assert memory.available_ram() > 0

@@ -23,6 +23,7 @@ import typer
 from edge.config import config_app
 from edge.models import models_app
 from edge.wiring import (
+    EXIT_AUTH,
     EXIT_CLOUD_UNREACHABLE,
     EXIT_INTERRUPTED,
     Output,
@@ -215,8 +216,15 @@ def ask(
         print_json(answer.to_json(), run)
     if verbose:
         print_speeds(answer, run)
-    if run.cloud_unreachable is not None:
-        raise typer.Exit(EXIT_CLOUD_UNREACHABLE)  # said in one line when it was found
+    unusable = run.cloud_unusable
+    if unusable is not None and unusable.key_refused:  # no takeover met it: say it now
+        fail(
+            f"the cloud at {run.cfg.cloud} refused the API key (--api-key-file on the cloud, "
+            "SPECTHINK_API_KEY here); the answer was written by the edge alone",
+            EXIT_AUTH,
+        )
+    if unusable is not None:  # said in one line when it was found
+        raise typer.Exit(EXIT_CLOUD_UNREACHABLE)
     if answer.stats.fallback and answer.stats.cloud_tokens == 0:
         fail(
             f"the cloud at {run.cfg.cloud} could not be used; the answer was written by the "

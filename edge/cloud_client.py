@@ -284,6 +284,8 @@ class GrpcCloud:
         self.pace = CloudPace()
         # set (with why) when a check found the cloud unreachable: takeovers fail at once
         self.unreachable: str | None = None
+        # called once before the first takeover (waits for that check: no race with it)
+        self.before_first_takeover: Callable[[], object] | None = None
         self._active: grpc.Future | None = None
 
     def close(self) -> None:
@@ -370,8 +372,11 @@ class GrpcCloud:
     def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
         """One takeover, retried with backoff while nothing has arrived yet, all within
         one takeover budget."""
+        if self.before_first_takeover is not None:  # the background check, if still running
+            wait, self.before_first_takeover = self.before_first_takeover, None
+            wait()
         if self.unreachable is not None:
-            raise errors.Unavailable(f"cloud unreachable: {self.unreachable}")
+            raise errors.NeverReached(f"cloud unreachable: {self.unreachable}")
         budget_s = self.takeover_budget_s(call)
         deadline = self.clock() + budget_s
         attempt = 0

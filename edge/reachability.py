@@ -23,6 +23,7 @@ class Reachability:
 
     reachable: bool
     why: str = ""  # for a person: "connection refused", "the API key was refused", ...
+    key_refused: bool = False  # it answers, but not to our API key
     model_id: str = ""
     dtype: str = ""
     context_length: int = 0
@@ -65,7 +66,7 @@ def check(transport: Any, address: str, timeout_s: float) -> Reachability:
     try:
         info = transport.model_info()
     except errors.Unauthenticated:
-        return Reachability(False, "the API key was refused (SPECTHINK_API_KEY)")
+        return Reachability(False, "it refused the API key (SPECTHINK_API_KEY)", key_refused=True)
     except errors.SpecThinkError as exc:
         return Reachability(False, f"it does not answer as a SpecThink cloud ({exc.message})")
     return Reachability(

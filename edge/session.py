@@ -561,11 +561,11 @@ class SpeculativeSession:
         self.stats.fallback = True
         self.stats.fallbacks += 1
         kind = type(exc).__name__
-        self._notice(
-            "fallback",
-            f"cloud {kind} during {decision.reason} ({exc.message}); writing locally",
-            error=kind,
-        )
+        message = f"cloud {kind} during {decision.reason} ({exc.message}); writing locally"
+        if getattr(exc, "already_said", False):
+            self.notices.append(message)  # said once already (the reachability check)
+        else:
+            self._notice("fallback", message, error=kind)
         if self.cloud is not None:
             self.cloud.forget()
         rest = min(budget - segment.tokens, self.remaining)

@@ -306,8 +306,14 @@ class Run:
     options: Any
     prompt: str = ""
     mode_reason: str = ""  # which mode runs and why (--mode auto picks by the model)
-    cloud_unreachable: str | None = None  # why a configured cloud was not used at all
+    cloud_check: Any = None  # edge.reachability.BackgroundCheck of the configured cloud
     last_partial: str = ""  # the text of the latest interrupted answer (chat keeps it)
+
+    @property
+    def cloud_unusable(self) -> Any:
+        """The check's finding when the configured cloud could not be used at all, else None."""
+        found = self.cloud_check.peek() if self.cloud_check is not None else None
+        return found if found is not None and not found.reachable else None
 
     def answer(self, messages: list[Any], cloud_session: Any, output: Output) -> Any:
         """One answer through the session loop, with Ctrl-C and refusals handled: the
@@ -404,12 +410,11 @@ def prepare(
     # the cloud strategy loads the small model only to fall back
     drafter = LazyDrafter(lambda: load_drafter(cfg)) if cloud_only else load_drafter(cfg)
     policy, mode_reason = with_mode(choice, drafter)
-    unreachable = None
     found = check.peek() if check is not None else None
-    if found is not None and not found.reachable and not cloud_only:
+    if found is not None and not found.reachable and not found.key_refused and not cloud_only:
         # known before the first token: write on this machine only (said once, by the check)
         transport.close()
-        transport, run_strategy, unreachable = None, "edge", found.why
+        transport, run_strategy = None, "edge"
     options = SessionOptions(
         strategy=run_strategy,
         max_tokens=cfg.max_tokens,
@@ -420,7 +425,7 @@ def prepare(
         prefill_every=prefill_every,
         think_prefix=getattr(drafter, "think_prefix", ""),  # not loaded (cloud strategy): ""
     )
-    return Run(cfg, drafter, transport, run_strategy, options, text, mode_reason, unreachable)
+    return Run(cfg, drafter, transport, run_strategy, options, text, mode_reason, check)
 
 
 def start_cloud_check(cfg: EffectiveConfig, transport: Any) -> Any:
@@ -431,11 +436,15 @@ def start_cloud_check(cfg: EffectiveConfig, transport: Any) -> Any:
     from edge.reachability import BackgroundCheck
 
     def said(found: Any) -> None:
-        if not found.reachable:
-            notice(f"cloud {cfg.cloud} unreachable: {found.why}; writing on this machine only")
-            transport.unreachable = found.why  # later takeovers fail at once, no retries
+        # a refused key is said by the takeover that meets it (exit 3), or at the end
+        if not found.reachable and not found.key_refused:
+            notice(f"cloud {cfg.cloud} unusable: {found.why}; writing on this machine only")
+            transport.unreachable = found.why  # takeovers fail at once, no retries, unsaid
 
-    return BackgroundCheck(transport, cfg.cloud, cfg.connect_timeout_s, said)
+    check = BackgroundCheck(transport, cfg.cloud, cfg.connect_timeout_s, said)
+    # the first takeover waits for the check (never the first token): no race with it
+    transport.before_first_takeover = lambda: check.wait(cfg.connect_timeout_s + 10)
+    return check
 
 
 # ---- reports ---------------------------------------------------------------------------
@@ -452,9 +461,9 @@ def report_stats(stats: dict[str, Any], run: Run) -> dict[str, Any]:
         stats["edge_prompt_tokens"] = counters.prompt_tokens
     if run.transport is not None:
         stats["cloud_retries"] = run.transport.retries
-    if run.cloud_unreachable is not None:
+    if run.cloud_unusable is not None:
         stats["fallback"] = True
-        stats["cloud_unreachable"] = run.cloud_unreachable
+        stats["cloud_unusable"] = run.cloud_unusable.why
     return stats
 
 

@@ -9,6 +9,8 @@
      ├── BaseMismatch         FAILED_PRECONDITION a delta's base is not what the cloud holds
      ├── Overloaded           RESOURCE_EXHAUSTED  admission queue full (retry_after_s hint)
      ├── Unavailable          UNAVAILABLE         loading, draining, unreachable
+     │    └── NeverReached    (client side only)  a check found the address unusable (refused,
+     │                                            unresolvable, key refused): already said once
      ├── Cancelled            CANCELLED           the caller went away
      ├── DeadlineExceeded     DEADLINE_EXCEEDED   the caller's deadline passed
      ├── InternalError        INTERNAL            a bug or a device failure; never a prompt
@@ -80,6 +82,14 @@ class Overloaded(SpecThinkError):
 class Unavailable(SpecThinkError):
     code = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+
+class NeverReached(Unavailable):
+    """The client's own check found the cloud unusable before any takeover; that was said
+    to the user once, so the session records the fallback without saying it again."""
+
+    retryable = False
+    already_said = True
 
 
 class Cancelled(SpecThinkError):

@@ -53,7 +53,7 @@ def test_a_cloud_name_that_does_not_resolve_is_one_line(smollm2):
     # the cloud is one line; the other says the 8-token budget cut the answer
     assert lines[-1] == "specthink-edge: the answer was cut at the token budget (--max-tokens)"
     assert len(lines) == 2, done.stderr
-    assert "no-such-host.invalid:50051 unreachable: the name 'no-such-host.invalid'" in lines[0]
+    assert "no-such-host.invalid:50051 unusable: the name 'no-such-host.invalid'" in lines[0]
     assert "does not resolve" in lines[0]
 
 

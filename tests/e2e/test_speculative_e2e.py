@@ -176,7 +176,7 @@ def test_unreachable_cloud_still_answers_locally_and_exits_non_zero(smollm2):
     assert done.stdout.strip(), "the answer is not lost"
     # one line, at the start, that says why: no retries of an address never reached
     assert done.stderr.strip().splitlines() == [
-        "specthink-edge: cloud 127.0.0.1:9 unreachable: connection refused (is the cloud "
+        "specthink-edge: cloud 127.0.0.1:9 unusable: connection refused (is the cloud "
         "running on that port?); writing on this machine only",
         "specthink-edge: the answer was cut at the token budget (--max-tokens)",
     ]

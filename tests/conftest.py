@@ -28,6 +28,22 @@ def _model(model: bundled.BundledModel) -> Path:
         pytest.fail(f"{exc} (scripts/install.sh installs the test models)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _converted_models_in_the_tests_cache(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Cloud processes the tests start convert GGUF weights into the tests' own cache
+    folder (pytest's, kept between runs of this checkout), never the user's ~/.cache."""
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("specthink-engine")) if cache is not None else None
+    before = os.environ.get("SPECTHINK_CACHE_DIR")
+    if folder is not None:
+        os.environ["SPECTHINK_CACHE_DIR"] = str(folder)
+    yield
+    if before is None:
+        os.environ.pop("SPECTHINK_CACHE_DIR", None)
+    else:
+        os.environ["SPECTHINK_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     return _model(bundled.SMOLLM2)

@@ -10,12 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from shared.cli_style import (
-    CONTEXT_SETTINGS,
-    TYPER_SETTINGS,
-    VERSION_HELP,
-    version_callback,
-)
+from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, version_flag
 
 app = typer.Typer(
     help="SpecThink cloud: the large model behind a gRPC API.",
@@ -30,17 +25,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            help=VERSION_HELP,
-            is_eager=True,
-            callback=version_callback("specthink-cloud"),
-        ),
-    ] = False,
-) -> None:
+def _root(version: bool = version_flag("specthink-cloud")) -> None:
     """SpecThink cloud: the large model behind a gRPC API."""
 
 

@@ -39,7 +39,7 @@ from edge.wiring import (
     read_prompt,
     settings,
 )
-from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, VERSION_HELP, version_callback
+from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, version_flag
 
 app = typer.Typer(
     help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
@@ -52,17 +52,7 @@ app.add_typer(models_app, name="models")
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            help=VERSION_HELP,
-            is_eager=True,
-            callback=version_callback("specthink-edge"),
-        ),
-    ] = False,
-) -> None:
+def _root(version: bool = version_flag("specthink-edge")) -> None:
     """SpecThink edge: a small model on this machine reasons; a large one in the cloud
     takes over where it reflects."""
 

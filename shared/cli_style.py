@@ -78,3 +78,11 @@ def version_callback(prog: str) -> Callable[[bool], None]:
             raise typer.Exit()
 
     return show
+
+
+def version_flag(prog: str) -> Any:
+    """The `--version` option of a root callback: `def root(version: bool = version_flag(
+    "specthink-edge")) -> None`."""
+    return typer.Option(
+        False, "--version", help=VERSION_HELP, is_eager=True, callback=version_callback(prog)
+    )

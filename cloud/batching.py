@@ -111,8 +111,9 @@ class DecodeBatch:
         if not self.runs and len(caches) == 1:  # alone: the call's own cache, no copy
             self.cache, self.pads = caches[0], [0]
         else:
-            lengths = [self.length] * len(self.runs) + [layer_length(c) for c in caches]
-            width = max(lengths)
+            held = self.length  # columns of the rows already in (each keeps its padding)
+            lengths = [layer_length(c) for c in caches]
+            width = max([held, *lengths])
             sources = ([self.cache] if self.runs else []) + caches
             self.cache = self.make_cache(
                 (
@@ -121,7 +122,7 @@ class DecodeBatch:
                 )
                 for layers in zip(*(c.layers for c in sources), strict=True)
             )
-            self.pads = [width - n for n in lengths]
+            self.pads = [p + width - held for p in self.pads] + [width - n for n in lengths]
         self.runs.extend(joining)
         for r in joining:
             r.in_batch = True

@@ -21,8 +21,10 @@ With `max_running=1` this is the one-call-at-a-time engine of before.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,10 +67,12 @@ class EngineThread:
 
     def __init__(self, engine: StepEngine, max_running: int | None = None) -> None:
         self.engine = engine
-        self.info = engine.info
         self.max_running = max(1, max_running or engine.info.max_running)
+        self.info = dataclasses.replace(engine.info, max_running=self.max_running)
         self.steps = 0  # decode steps run
         self.batch_sizes: Counter[int] = Counter()  # decode steps by how many calls they held
+        self.decoded_tokens = 0  # tokens written by decode steps (the sum of their batch sizes)
+        self.decode_s = 0.0  # time spent in decode steps
         self.prefill_chunks = 0
         self._observers: list[Callable[[int], None]] = []
         self._arrivals: queue.Queue[_Call | None] = queue.Queue()
@@ -146,12 +150,15 @@ class EngineThread:
                 filling.deliver()
         # decode: one token for every decoding call, in one forward
         if decoding:
+            started = time.perf_counter()
             try:
                 self.engine.decode_step([c.run for c in decoding])
             except Exception as exc:
                 self._finish(decoding, exc)
             else:
+                self.decode_s += time.perf_counter() - started
                 self.steps += 1
+                self.decoded_tokens += len(decoding)
                 self.batch_sizes[len(decoding)] += 1
                 for observe in self._observers:
                     observe(len(decoding))

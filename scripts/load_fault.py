@@ -2,6 +2,11 @@
 with SIGKILL mid-run and restarted on the same port.
 
     .venv/bin/python -m scripts.load_fault [--sessions 16] [--max-tokens 120] [--kill-after 6]
+    .venv/bin/python -m scripts.load_fault --no-baseline     # the batched cloud only
+
+By default the whole run is made twice, one after the other, and reported side by side:
+"before" with `serve --max-running 1` (one takeover at a time, as the cloud ran before
+continuous batching) and "after" with the cloud's default batch limit (sized from memory).
 
 What runs, all on this machine's CPU:
   cloud  a real `specthink-cloud serve` process on SmolLM2-135M (transformers, fp32);
@@ -86,15 +91,19 @@ def free_port() -> int:
 class Cloud:
     """`specthink-cloud serve` on a fixed port; start, SIGKILL, restart."""
 
-    def __init__(self, model: Path, port: int, log_dir: Path, max_waiting: int) -> None:
+    def __init__(
+        self, model: Path, port: int, log_dir: Path, max_waiting: int, max_running: int = 0
+    ) -> None:
         self.model, self.port, self.log_dir, self.max_waiting = model, port, log_dir, max_waiting
+        self.max_running = max_running  # 0: the cloud's default (sized from memory)
+        self.name = f"limit{max_running}" if max_running else "batched"
         self.process: subprocess.Popen[str] | None = None
         self.starts = 0
 
     def start(self, timeout_s: float = 120.0) -> float:
         started = time.monotonic()
         self.starts += 1
-        log = (self.log_dir / f"cloud-{self.starts}.log").open("w")
+        log = (self.log_dir / f"cloud-{self.name}-{self.starts}.log").open("w")
         self.process = subprocess.Popen(
             [
                 str(BIN / "specthink-cloud"),
@@ -111,6 +120,8 @@ class Cloud:
                 str(self.max_waiting),
                 "--drain-grace-s",
                 "5",
+                "--max-running",
+                str(self.max_running),
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -315,7 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the edge's circuit-breaker cooldown (edge default 15 s; shorter "
         "here so sessions of ~120 tokens get back to the restarted cloud)",
     )
-    parser.add_argument("--budget-s", type=float, default=300.0)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="per run")
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        default=0,
+        help="the batched cloud's batch limit (0: its default, sized from memory)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first run the same load against `--max-running 1` (before batching)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "load_fault.json")
     args = parser.parse_args(argv)
 
@@ -323,15 +346,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model is None:
         print("load_fault: SmolLM2 is not installed (scripts/install.sh)", file=sys.stderr)
         return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    if args.baseline:
+        runs["before"] = run_once(args, model, max_running=1)
+    runs["after"] = run_once(args, model, max_running=args.max_running)
+    after = runs["after"]
+    report: dict[str, Any] = {**after, "runs": runs}
+    if "before" in runs:
+        before = runs["before"]
+        report["p99_after_over_before"] = round(
+            after["takeover_latency_p99_s"] / before["takeover_latency_p99_s"], 3
+        )
+        report["p50_after_over_before"] = round(
+            after["takeover_latency_p50_s"] / before["takeover_latency_p50_s"], 3
+        )
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print_table(runs)
+    if "before" in runs:
+        print(
+            f"\np99 takeover latency after / before: {report['p99_after_over_before']} "
+            f"(p50: {report['p50_after_over_before']})"
+        )
+    print(f"\nwrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    return 0 if all(r["all_complete"] for r in runs.values()) else 1
+
+
+def run_once(args: argparse.Namespace, model: Path, max_running: int) -> dict[str, Any]:
+    """One whole load-and-fault run against a cloud with this batch limit."""
     from edge.drafter import LlamaDrafter
 
     wall_started = time.monotonic()
     deadline = wall_started + args.budget_s
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cloud = Cloud(model, port, args.out.parent, args.max_waiting)
+    cloud = Cloud(model, port, args.out.parent, args.max_waiting, max_running)
     tally = Tally(kill_after=args.kill_after)
-    print(f"load_fault: starting the cloud on 127.0.0.1:{port} ...", file=sys.stderr)
+    print(f"load_fault: starting the cloud ({cloud.name}) on 127.0.0.1:{port} ...", file=sys.stderr)
     first_start_s = cloud.start()
     drafter = LockedDrafter(LlamaDrafter(model, context_length=2048, seed=0))
     policy = PolicyConfig(
@@ -385,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "takeover_tokens": args.takeover_tokens,
         "temperature": 0.0,
         "drafter": "one shared LlamaDrafter (SmolLM2-135M GGUF) behind a lock",
-        "cloud": "specthink-cloud serve, SmolLM2-135M via transformers, CPU fp32, 1 at a time",
+        "cloud": "specthink-cloud serve, SmolLM2-135M via transformers, CPU fp32, "
+        + (f"--max-running {max_running}" if max_running else "default batch limit"),
+        "max_running": max_running or None,
         "complete_answers": sum(done),
         "all_complete": all(done) and not timed_out,
         "timed_out": timed_out,
@@ -429,14 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r, d in zip(results, done, strict=True)
         ],
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print_table(report)
-    print(f"\nwrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
-    return 0 if report["all_complete"] else 1
+    return report
 
 
-def print_table(r: dict[str, Any]) -> None:
-    rows = [
+def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        ("cloud batch limit", r["max_running"] or "default (sized from memory)"),
         ("sessions (complete / total)", f"{r['complete_answers']} / {r['sessions']}"),
         (
             "takeovers ok (after the restart)",
@@ -464,11 +514,17 @@ def print_table(r: dict[str, Any]) -> None:
         ("cloud exit code after SIGTERM", r["cloud_exit_code_after_sigterm"]),
         ("wall time (s)", r["wall_s"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"{'load and fault':<{width}}  result")
-    print(f"{'-' * width}  {'-' * 24}")
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+
+
+def print_table(runs: dict[str, dict[str, Any]]) -> None:
+    """One column per run (before / after), side by side."""
+    columns = {name: dict(_rows(r)) for name, r in runs.items()}
+    keys = [k for k, _ in _rows(next(iter(runs.values())))]
+    width = max(len(k) for k in keys)
+    print(f"{'load and fault':<{width}}  " + "  ".join(f"{name:<28}" for name in columns))
+    print(f"{'-' * width}  " + "  ".join("-" * 28 for _ in columns))
+    for key in keys:
+        print(f"{key:<{width}}  " + "  ".join(f"{c[key]!s:<28}" for c in columns.values()))
 
 
 if __name__ == "__main__":

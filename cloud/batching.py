@@ -56,6 +56,11 @@ class StepRun:
         return self.s is not None and len(self.s.ids) < len(self.prompt)
 
     @property
+    def remaining(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.prompt) - len(self.s.ids) if self.s is not None else len(self.prompt)
+
+    @property
     def done(self) -> bool:
         if self.s is None or self.prefilling:
             return False
@@ -114,13 +119,15 @@ class DecodeBatch:
             held = self.length  # columns of the rows already in (each keeps its padding)
             lengths = [layer_length(c) for c in caches]
             width = max([held, *lengths])
-            sources = ([self.cache] if self.runs else []) + caches
+            # (cache, rows) per source; an empty cache (a cold session) is all padding
+            sources = ([(self.cache, len(self.runs))] if self.runs else []) + [
+                (c, 1) for c in caches
+            ]
+            filled = [c for c, _ in sources if layer_length(c)]
+            layers = len(filled[0].layers) if filled else 0
             self.cache = self.make_cache(
-                (
-                    _stack([lay.keys for lay in layers], width),
-                    _stack([lay.values for lay in layers], width),
-                )
-                for layers in zip(*(c.layers for c in sources), strict=True)
+                (_stack(sources, i, "keys", width), _stack(sources, i, "values", width))
+                for i in range(layers)
             )
             self.pads = [p + width - held for p in self.pads] + [width - n for n in lengths]
         self.runs.extend(joining)
@@ -181,13 +188,17 @@ def layer_length(cache: Any) -> int:
     return int(shape[2]) if len(shape) == 4 else 0
 
 
-def _stack(parts: Sequence[Any], width: int) -> Any:
-    """[b_i, heads, n_i, dim] tensors -> one [sum b_i, heads, width, dim], each part
-    right-aligned (its padding, zeros, on the left). One copy of each part."""
-    first = parts[0]
-    out = first.new_zeros((sum(p.shape[0] for p in parts), first.shape[1], width, first.shape[3]))
+def _stack(sources: Sequence[tuple[Any, int]], layer: int, name: str, width: int) -> Any:
+    """Layer `layer`'s `name` ("keys" / "values") of each (cache, rows) source -> one
+    [sum rows, heads, width, dim] tensor, each part right-aligned (zeros, the padding, on
+    its left). An empty source stays all padding. One copy of each part."""
+    parts = [(getattr(c.layers[layer], name) if layer_length(c) else None, n) for c, n in sources]
+    first = next(p for p, _ in parts if p is not None)
+    rows = sum(n for _, n in parts)
+    out = first.new_zeros((rows, first.shape[1], width, first.shape[3]))
     row = 0
-    for p in parts:
-        out[row : row + p.shape[0], :, width - p.shape[2] :] = p
-        row += p.shape[0]
+    for p, n in parts:
+        if p is not None:
+            out[row : row + n, :, width - p.shape[2] :] = p
+        row += n
     return out

@@ -282,7 +282,8 @@ class TransformersEngine:
         self.prefill_chunk = max(1, prefill_chunk)
         self.sharing_chunk = _SHARING_CHUNK
         self._model_lock = threading.RLock()  # the engine thread's steps vs a direct call
-        self._batch = DecodeBatch(_cache_of)
+        self._batch = DecodeBatch(_cache_of)  # the decoding runs
+        self._rows = DecodeBatch(_cache_of)  # runs prefilled together, for one step
 
         cfg = (
             model.config.get_text_config()
@@ -502,19 +503,28 @@ class TransformersEngine:
             if not run.prefilling:
                 run.t1 = time.perf_counter()
 
-    def prefill_step(self, run: Run, sharing: bool) -> None:
-        """One chunk of the prompt; after the last one a generate run samples its first token."""
-        run = own(run)
-        assert run.s is not None
-        chunk = min(self.prefill_chunk, self.sharing_chunk) if sharing else self.prefill_chunk
+    def prefill_step(self, runs: Sequence[Run], sharing: bool) -> None:
+        """One chunk of the first run's prompt, and chunks of the same length for as many
+        of the others as fit the step's budget (rows x chunk tokens), in one forward.
+        A run whose prompt is done samples its first token."""
+        mine = [r for r in map(own, runs) if r.prefilling]
+        if not mine:
+            return
+        budget = min(self.prefill_chunk, self.sharing_chunk) if sharing else self.prefill_chunk
+        width = min(mine[0].remaining, budget)
+        group = mine[: max(1, budget // width)]
         with self._model_lock, torch.inference_mode():
-            start = len(run.s.ids)
-            logits = self._forward(run.s, run.prompt[start : start + chunk])
-            if run.prefilling:
-                return
-            run.t1 = time.perf_counter()
-            if run.writer is not None and run.writer.wants_token():
-                self._advance(run, self._pick(run, logits))
+            if len(group) == 1:
+                s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
+                logits = [self._forward(s, group[0].prompt[start : start + width])]  # type: ignore[arg-type]
+            else:
+                logits = self._forward_rows(group, width)
+            for run, row in zip(group, logits, strict=True):
+                if run.prefilling:
+                    continue
+                run.t1 = time.perf_counter()
+                if run.writer is not None and run.writer.wants_token():
+                    self._advance(run, self._pick(run, row))
 
     def decode_step(self, runs: Sequence[Run]) -> None:
         """One token for every run: their pending tokens through the model as one batch."""
@@ -574,6 +584,46 @@ class TransformersEngine:
         s.ids.extend(ids)  # only once the forward has completed
         return out.logits[0, -1]
 
+    def _forward_rows(self, runs: Sequence[StepRun], width: int) -> list[torch.Tensor]:
+        """Up to `width` prompt tokens of each run in one forward: their caches as the
+        left-padded rows of a batch (`_rows`), their chunks left-aligned after it, shorter
+        chunks padded on the right (masked, and cut from the cache afterwards). Returns
+        each run's logits at its chunk's last token."""
+        rows = self._rows
+        rows.settle(runs)
+        before = rows.length
+        chunks = [r.prompt[len(r.s.ids) :][:width] for r in runs if r.s is not None]
+        n = max(map(len, chunks))
+        ids = [c + [c[-1]] * (n - len(c)) for c in chunks]
+        starts = [len(r.s.ids) for r in runs if r.s is not None]
+        columns = torch.arange(before + n, device=self.device).unsqueeze(0)
+        pads = torch.tensor(rows.pads, device=self.device).unsqueeze(1)
+        ends = torch.tensor([before + len(c) for c in chunks], device=self.device).unsqueeze(1)
+        last = sorted({len(c) - 1 for c in chunks})
+        kwargs: dict[str, Any] = {self._cache_kw: rows.cache}
+        try:
+            out = self.model(
+                input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+                position_ids=torch.tensor(
+                    [[s + i for i in range(n)] for s in starts], device=self.device
+                ),
+                attention_mask=((columns >= pads) & (columns < ends)).long(),
+                use_cache=True,
+                logits_to_keep=torch.tensor(last, device=self.device),
+                **kwargs,
+            )
+        except BaseException:
+            rows.recover(before)
+            raise
+        for r, c in zip(runs, chunks, strict=True):
+            assert r.s is not None
+            r.s.ids.extend(c)
+        rows.release(list(rows.runs))
+        for r in runs:
+            assert r.s is not None
+            _crop(r.s.cache, len(r.s.ids))  # the padding tokens' KV at the end of short rows
+        return [out.logits[i, last.index(len(c) - 1)] for i, c in enumerate(chunks)]
+
     def _forward_batch(self, batch: DecodeBatch) -> torch.Tensor:
         """Each row's pending token at its own position; rows are left-padded to one
         length, and the padding is masked. Returns [rows, vocab] logits."""
@@ -607,7 +657,7 @@ class TransformersEngine:
             while run.prefilling:
                 if should_stop():
                     raise EngineCancelled("cancelled during prefill")
-                self.prefill_step(run, sharing=False)
+                self.prefill_step([run], sharing=False)
         finally:
             self.finish([run])
         out = run.outcome()
@@ -637,7 +687,7 @@ class TransformersEngine:
             while run.prefilling:
                 if run.should_stop():
                     raise EngineCancelled("cancelled during prefill")
-                self.prefill_step(run, sharing=False)
+                self.prefill_step([run], sharing=False)
                 yield from run.take()
             while not run.done:
                 if run.should_stop():

@@ -162,9 +162,10 @@ class StepEngine(Engine, Protocol):
         """Check the session's cache out and keep the longest common prefix."""
         ...
 
-    def prefill_step(self, run: Run, sharing: bool) -> None:
-        """Compute one chunk of the run's prompt (a short one when `sharing` the step with
-        decoding runs); when the prompt is done, a generate run samples its first token."""
+    def prefill_step(self, runs: Sequence[Run], sharing: bool) -> None:
+        """Compute one chunk of the first run's prompt, with chunks of others where they
+        fit the step's budget (a small one when `sharing` the step with decoding runs);
+        a generate run whose prompt is done samples its first token."""
         ...
 
     def decode_step(self, runs: Sequence[Run]) -> None:

@@ -11,8 +11,9 @@ One step of the loop, in the order `_step` runs it:
            deadline leave now (should_stop() is checked for every call, every step)
   admit    waiting calls join, first come first served, while fewer than `max_running`
            run; a call waits while another call on its session runs (one writer each)
-  prefill  ONE chunk of the oldest call still prefilling: a long prompt delays the
-           running decodes by one chunk per step, never by its whole length
+  prefill  ONE forward of prompt chunks, for the oldest calls still prefilling (as many
+           as the engine's step budget holds): a long prompt delays the running
+           decodes by one chunk per step, never by its whole length
   decode   ONE batched forward: a token for every call that is decoding
   deliver  each call's new chunks go to its caller; finished calls check their caches in
 
@@ -137,17 +138,19 @@ class EngineThread:
                 continue
             self._running.append(call)
             busy.add(call.run.session)
-        # prefill: one chunk of the oldest call still prefilling
+        # prefill: one forward, for the oldest calls still prefilling (the engine takes a
+        # chunk of the first, and of as many others as its step budget holds)
         decoding = [c for c in self._running if not c.run.prefilling and not c.run.done]
-        filling = next((c for c in self._running if c.run.prefilling), None)
-        if filling is not None:
+        filling = [c for c in self._running if c.run.prefilling]
+        if filling:
             try:
-                self.engine.prefill_step(filling.run, sharing=bool(decoding))
+                self.engine.prefill_step([c.run for c in filling], sharing=bool(decoding))
                 self.prefill_chunks += 1
             except Exception as exc:
-                self._finish([filling], exc)
+                self._finish(filling, exc)
             else:
-                filling.deliver()
+                for call in filling:
+                    call.deliver()
         # decode: one token for every decoding call, in one forward
         if decoding:
             started = time.perf_counter()

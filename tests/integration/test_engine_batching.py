@@ -92,6 +92,30 @@ def test_sessions_decoded_together_write_what_each_writes_alone(engine, loop):
     assert sum(loop.batch_sizes.values()) - steps_before < 3 * 10
 
 
+def test_prompts_prefilled_in_one_forward_continue_as_each_does_alone(engine):
+    warm = {sid("w1"): "The sea is", sid("w2"): "Fish swim in the deep blue water of the ocean"}
+    for s, t in warm.items():
+        call(engine, s, t, 1)  # these sessions hold their text; the third is cold
+    texts = {  # the longest prompt first: it sets the chunk length of the step
+        sid("cold"): "Boats",
+        **{s: t + " deep and wide, and" for s, t in warm.items()},
+    }
+    alone = {s: call(engine, sid("alone"), t, 8)[1] for s, t in texts.items()}
+    runs = [engine.plan_generate(s, SEA, t, 8, GREEDY, (), lambda: False) for s, t in texts.items()]
+    for r in runs:
+        engine.start(r)
+    engine.prefill_step(runs, sharing=False)  # all three prompts' new tokens: one forward
+    assert not any(r.prefilling for r in runs)
+    while not all(r.done for r in runs):
+        engine.decode_step([r for r in runs if not r.done])
+    engine.finish(runs)
+    for r in runs:
+        done = r.outcome()
+        assert done.text == alone[r.session].text
+        assert done.usage.prefilled_tokens < done.usage.prompt_tokens or r.session not in warm
+        engine.drop(r.session)
+
+
 def test_each_session_prefills_only_its_new_text_while_others_run(engine, loop):
     texts = {sid("a"): "The sea", sid("b"): "Waves crash on", sid("c"): "A ship sails"}
     held: dict[str, int] = {}  # tokens each session's cache holds after its last call

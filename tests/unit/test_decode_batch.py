@@ -40,6 +40,8 @@ def token(session: int, position: int) -> float:
 
 
 def own_cache(session: int, length: int) -> Cache:
+    if not length:
+        return Cache()  # a cold session's cache has no layers yet
     col = torch.tensor([token(session, p) for p in range(length)]).view(1, HEADS, length, DIM)
     return make_cache((col.clone(), -col.clone()) for _ in range(LAYERS))
 
@@ -112,6 +114,19 @@ def test_rows_joining_and_leaving_in_any_order_keep_their_own_tokens():
     batch.release([c])  # the last row becomes c's own cache again
     check_own(c)
     assert batch.runs == [] and batch.cache is None
+
+
+def test_a_cold_session_joins_as_a_row_of_padding():
+    batch = DecodeBatch(make_cache)
+    warm, cold = run(1, 4), run(2, 0)
+    batch.settle([warm, cold])
+    assert batch.pads == [0, 4]
+    check_rows(batch)
+    step(batch)
+    check_rows(batch)
+    batch.release([cold])
+    check_own(cold)
+    check_rows(batch)
 
 
 def test_a_failed_step_gives_every_row_back_as_after_its_last_completed_step():

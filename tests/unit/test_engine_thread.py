@@ -103,7 +103,8 @@ class ScriptedStepEngine:
         run.started = True
         self.log.append(("start", run.session))
 
-    def prefill_step(self, run: Run, sharing: bool) -> None:
+    def prefill_step(self, runs: Sequence[Run], sharing: bool) -> None:
+        run = runs[0]  # one chunk of the oldest call per step
         assert isinstance(run, ScriptedRun)
         run.left = max(0, run.left - CHUNK)
         self.log.append(("prefill", run.session))

@@ -81,7 +81,7 @@ _DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 # decodes with the right leading space / byte merges.
 _DETOK_CONTEXT = 6
 # Prefill chunk while other calls are decoding: their next token waits for one chunk.
-_SHARING_CHUNK = 128
+_SHARING_CHUNK = 256
 
 __all__ = ["IncrementalDetokenizer", "TransformersEngine", "find_stop", "sample"]
 

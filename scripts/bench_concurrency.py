@@ -137,6 +137,7 @@ def phase(side: Side, sessions: int, rounds: int, tokens: int = TAKEOVER) -> dic
                             "started": started,
                             "ended": ended,
                             "latency_s": ended - started,
+                            "prompt": done.usage.prompt_tokens,
                             "generated": done.usage.generated_tokens,
                             "prefilled": done.usage.prefilled_tokens,
                             "cached": done.usage.cached_tokens,
@@ -191,6 +192,27 @@ def summarize(
         "batch_sizes": {k: v for k, v in sorted(sizes.items()) if v},
         "errors": errors,
         "records": records,
+    }
+
+
+def prefill_work(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prefilled tokens per token the cloud had not seen (as `scripts.bench.prefill_work`),
+    over every session of these phases: for a session's call, its prompt minus what the
+    cloud held after the session's previous call (that prompt plus what it generated)."""
+    prefilled = unseen = 0
+    for p in phases:
+        for session in {x["session"] for x in p["records"]}:
+            held = 0
+            for x in sorted(
+                (x for x in p["records"] if x["session"] == session), key=lambda x: x["round"]
+            ):
+                unseen += max(0, x["prompt"] - held)
+                prefilled += x["prefilled"]
+                held = x["prompt"] + x["generated"]
+    return {
+        "prefilled": prefilled,
+        "unseen": unseen,
+        "ratio": prefilled / unseen if unseen else None,
     }
 
 
@@ -269,6 +291,8 @@ def bench_concurrency(rig: Any, rep: Any, quick: bool) -> None:
         one_decode = statistics.median(a["decode_tok_s"] for a, _ in alone)
         gain = by_level[8]["aggregate_tok_s"] / one
         decode_gain = by_level[8]["decode_tok_s"] / one_decode
+        crowded = [p for p in out["phases"] if p["engine"] == "batched" and p["sessions"] >= 8]
+        out["prefill_work_8_16"] = prefill_work(crowded)
         proto1 = proto_phase(batched, 1, rounds)
         proto8 = proto_phase(batched, 8, rounds)
         proto_gain = proto8["aggregate_tok_s"] / proto1["aggregate_tok_s"]
@@ -314,6 +338,15 @@ def bench_concurrency(rig: Any, rep: Any, quick: bool) -> None:
             "   8 sessions, limit 1 (before): aggregate tok/s, takeover p50 / p99",
             f"{today_8['aggregate_tok_s']:.2f} tok/s, {today_8['latency_p50_s']:.1f} / "
             f"{today_8['latency_p99_s']:.1f} s",
+        )
+    pw = out["prefill_work_8_16"]
+    if pw["ratio"] is not None:
+        rep.row(
+            "prefill",
+            "prefilled / new tokens, 8 and 16 sessions running at once",
+            f"{pw['ratio']:.3f}  ({pw['prefilled']} of {pw['unseen']} new tokens)",
+            "<= 1.1",
+            pw["ratio"] <= 1.1,
         )
     rep.row(
         "batching",

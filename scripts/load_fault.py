@@ -92,8 +92,15 @@ class Cloud:
     """`specthink-cloud serve` on a fixed port; start, SIGKILL, restart."""
 
     def __init__(
-        self, model: Path, port: int, log_dir: Path, max_waiting: int, max_running: int = 0
+        self,
+        model: Path,
+        port: int,
+        log_dir: Path,
+        max_waiting: int,
+        max_running: int = 0,
+        threads: int = 0,
     ) -> None:
+        self.threads = threads  # torch threads of the cloud (OMP_NUM_THREADS); 0: torch's
         self.model, self.port, self.log_dir, self.max_waiting = model, port, log_dir, max_waiting
         self.max_running = max_running  # 0: the cloud's default (sized from memory)
         self.name = f"limit{max_running}" if max_running else "batched"
@@ -126,7 +133,11 @@ class Cloud:
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}),
+            },
         )
         assert self.process.stdout is not None
         ready: list[str] = []
@@ -334,6 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the batched cloud's batch limit (0: its default, sized from memory)",
     )
     parser.add_argument(
+        "--cloud-threads",
+        type=int,
+        default=1,
+        help="torch threads of the cloud (0: torch's default, one per core). The cloud "
+        "and the 16 edge sessions share this machine's cores; 1 keeps the cloud's "
+        "OpenMP threads from waiting on cores the edge holds (both runs alike)",
+    )
+    parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -379,7 +398,7 @@ def run_once(args: argparse.Namespace, model: Path, max_running: int) -> dict[st
     wall_started = time.monotonic()
     deadline = wall_started + args.budget_s
     port = free_port()
-    cloud = Cloud(model, port, args.out.parent, args.max_waiting, max_running)
+    cloud = Cloud(model, port, args.out.parent, args.max_waiting, max_running, args.cloud_threads)
     tally = Tally(kill_after=args.kill_after)
     print(f"load_fault: starting the cloud ({cloud.name}) on 127.0.0.1:{port} ...", file=sys.stderr)
     first_start_s = cloud.start()
@@ -438,6 +457,7 @@ def run_once(args: argparse.Namespace, model: Path, max_running: int) -> dict[st
         "cloud": "specthink-cloud serve, SmolLM2-135M via transformers, CPU fp32, "
         + (f"--max-running {max_running}" if max_running else "default batch limit"),
         "max_running": max_running or None,
+        "cloud_threads": args.cloud_threads or None,
         "complete_answers": sum(done),
         "all_complete": all(done) and not timed_out,
         "timed_out": timed_out,
@@ -446,6 +466,7 @@ def run_once(args: argparse.Namespace, model: Path, max_running: int) -> dict[st
         "breaker_cooldown_s": args.breaker_cooldown_s,
         "takeover_latency_p50_s": round(percentile(tally.latencies, 50), 3),
         "takeover_latency_p99_s": round(percentile(tally.latencies, 99), 3),
+        "takeover_latencies_s": sorted(round(x, 2) for x in tally.latencies),
         "first_chunk_p50_s": round(percentile(tally.first_chunk, 50), 3),
         "first_chunk_p99_s": round(percentile(tally.first_chunk, 99), 3),
         "takeovers_failed": tally.failed,

@@ -13,9 +13,10 @@ One call, in the order the code runs it:
 2. start     check the session's cache out (`cloud.session_cache`); keep the longest
              common token prefix with its ids, crop the KV to it (one token less if
              everything is cached: the last token's logits are needed to sample)
-3. prefill   the rest, one chunk of `prefill_chunk` per step (`sharing_chunk` while other
-             calls are decoding), should_stop() between chunks; the last chunk's logits
-             give the first token
+3. prefill   the rest, one chunk per step: `prefill_chunk` tokens, or while other calls
+             are decoding as many as this machine prefills in `sharing_target_s`
+             (measured), so their streams pause for about that long at most;
+             should_stop() between chunks; the last chunk's logits give the first token
 4. decode    one token per step for every decoding call in ONE forward: their caches are
              the rows of a left-padded batch (`cloud.batching`), each token at its own position,
              the padding masked; calls join and leave the batch between steps.
@@ -80,8 +81,12 @@ _DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 # Prompt tokens handed to the detokenizer as context, so the first generated token
 # decodes with the right leading space / byte merges.
 _DETOK_CONTEXT = 6
-# Prefill chunk while other calls are decoding: their next token waits for one chunk.
-_SHARING_CHUNK = 256
+# While other calls decode, a prefill chunk is sized to take about this long on this
+# machine (their next token waits for it), from the measured prefill speed; before the
+# first measurement, _SHARING_CHUNK tokens. Never under _MIN_CHUNK tokens.
+_SHARING_TARGET_S = 1.0
+_SHARING_CHUNK = 128
+_MIN_CHUNK = 16
 
 __all__ = ["IncrementalDetokenizer", "TransformersEngine", "find_stop", "sample"]
 
@@ -280,7 +285,8 @@ class TransformersEngine:
         self.load_s = 0.0
         self.session_ttl_s = session_ttl_s
         self.prefill_chunk = max(1, prefill_chunk)
-        self.sharing_chunk = _SHARING_CHUNK
+        self.sharing_target_s = _SHARING_TARGET_S
+        self._prefill_rate: float | None = None  # prefill tokens/s, smoothed
         self._model_lock = threading.RLock()  # the engine thread's steps vs a direct call
         self._batch = DecodeBatch(_cache_of)  # the decoding runs
         self._rows = DecodeBatch(_cache_of)  # runs prefilled together, for one step
@@ -510,15 +516,17 @@ class TransformersEngine:
         mine = [r for r in map(own, runs) if r.prefilling]
         if not mine:
             return
-        budget = min(self.prefill_chunk, self.sharing_chunk) if sharing else self.prefill_chunk
+        budget = self.sharing_chunk if sharing else self.prefill_chunk
         width = min(mine[0].remaining, budget)
         group = mine[: max(1, budget // width)]
+        started = time.perf_counter()
         with self._model_lock, torch.inference_mode():
             if len(group) == 1:
                 s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
                 logits = [self._forward(s, group[0].prompt[start : start + width])]  # type: ignore[arg-type]
             else:
                 logits = self._forward_rows(group, width)
+            self._measure_prefill(len(group) * width, time.perf_counter() - started)
             for run, row in zip(group, logits, strict=True):
                 if run.prefilling:
                     continue
@@ -583,6 +591,22 @@ class TransformersEngine:
         )
         s.ids.extend(ids)  # only once the forward has completed
         return out.logits[0, -1]
+
+    @property
+    def sharing_chunk(self) -> int:
+        """Prefill tokens per step while others decode: about `sharing_target_s` of work."""
+        if self._prefill_rate is None:
+            return min(self.prefill_chunk, _SHARING_CHUNK)
+        chunk = int(self._prefill_rate * self.sharing_target_s)
+        return max(_MIN_CHUNK, min(self.prefill_chunk, chunk))
+
+    def _measure_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens < _MIN_CHUNK or seconds <= 0:
+            return  # a few tokens measure the fixed cost of a forward, not the speed
+        rate = tokens / seconds
+        self._prefill_rate = (
+            rate if self._prefill_rate is None else 0.7 * self._prefill_rate + 0.3 * rate
+        )
 
     def _forward_rows(self, runs: Sequence[StepRun], width: int) -> list[torch.Tensor]:
         """Up to `width` prompt tokens of each run in one forward: their caches as the

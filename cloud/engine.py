@@ -82,9 +82,10 @@ _DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 # decodes with the right leading space / byte merges.
 _DETOK_CONTEXT = 6
 # While other calls decode, a prefill chunk is sized to take about this long on this
-# machine (their next token waits for it), from the measured prefill speed; before the
-# first measurement, _SHARING_CHUNK tokens. Never under _MIN_CHUNK tokens.
-_SHARING_TARGET_S = 1.0
+# machine (their next token waits for it, and the edge calls a stream that is silent
+# for 5 s stalled), from the measured prefill speed; before the first measurement,
+# _SHARING_CHUNK tokens. Never under _MIN_CHUNK tokens.
+_SHARING_TARGET_S = 2.0
 _SHARING_CHUNK = 128
 _MIN_CHUNK = 16
 

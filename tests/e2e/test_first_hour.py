@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_speculative_e2e import BIN, ask, check_answer_structure
+from tests.e2e.test_speculative_e2e import BIN, PROMPT, ask, check_answer_structure
 
 pytestmark = pytest.mark.real_models
 
@@ -59,7 +59,7 @@ def test_a_cloud_name_that_does_not_resolve_is_one_line(smollm2):
 
 def test_the_uncertainty_trigger_hands_over_and_names_itself(smollm2, smollm2_cloud):
     done = ask(
-        "List three fruits, one short paragraph each.",
+        PROMPT,  # several paragraphs
         "--model", str(smollm2),
         "--cloud", smollm2_cloud.address,
         "--set", "trigger=uncertainty",
@@ -80,7 +80,7 @@ def test_the_uncertainty_trigger_hands_over_and_names_itself(smollm2, smollm2_cl
 
 def test_the_uncertainty_trigger_keeps_confident_probes(smollm2, smollm2_cloud):
     done = ask(
-        "List three fruits, one short paragraph each.",
+        PROMPT,  # several paragraphs
         "--model", str(smollm2),
         "--cloud", smollm2_cloud.address,
         "--set", "trigger=uncertainty",
@@ -100,7 +100,11 @@ def test_config_show_says_which_model_the_cloud_serves(smollm2_cloud, tmp_path: 
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECTHINK_")}
-    env |= {"SPECTHINK_CLOUD": smollm2_cloud.address, "SPECTHINK_CONFIG": str(tmp_path / "c")}
+    (tmp_path / "config.toml").write_text("")
+    env |= {
+        "SPECTHINK_CLOUD": smollm2_cloud.address,
+        "SPECTHINK_CONFIG": str(tmp_path / "config.toml"),
+    }
     done = subprocess.run(
         [str(BIN / "specthink-edge"), "config", "show", "--json"],
         capture_output=True,

@@ -371,7 +371,8 @@ def test_cli_pull_list_path_rm(hub: hf_server.FakeHub, store: Path) -> None:
 
     listed = runner.invoke(models.models_app, ["list"])
     assert listed.exit_code == 0
-    header, row = listed.stdout.splitlines()
+    header, row, *bundled_default = listed.stdout.splitlines()
+    assert all("(bundled default)" in line for line in bundled_default)
     assert header.split() == ["NAME", "SIZE", "MODIFIED"]
     assert row.startswith(f"{FAKE_REPO}/{FAKE_FILE}") and "3.0 MB" in row
     assert header.index("SIZE") + len("SIZE") == row.index(" MB") + len(" MB")  # aligned

@@ -260,7 +260,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
 
 
 class TransformersEngine:
-    """`cloud.engine_api.Engine` on torch + transformers. Build it with `load()`."""
+    """`cloud.engine_api.StepEngine` on torch + transformers. Build it with `load()`."""
 
     def __init__(
         self,

@@ -276,7 +276,8 @@ def test_calls_on_one_session_run_one_after_the_other(engine):
 def test_a_cancelled_call_leaves_at_the_next_step_and_the_others_go_on(engine):
     loop = EngineThread(engine)
     stop = threading.Event()
-    cancelled = generate(loop, "cancelled", 1000, should_stop=stop.is_set)
+    # far more tokens than the engine can write before stop is set a few lines on
+    cancelled = generate(loop, "cancelled", 100_000, should_stop=stop.is_set)
     next(cancelled)
     other = generate(loop, "other", 20)
     next(other)

@@ -9,7 +9,7 @@ whether the CPU computes bf16 natively into a dtype name and the reason for it:
     auto on any other CPU               -> float32   (bf16 would be emulated: slower)
     an explicit name                    -> that name, on any device
 
-The engine (the only module importing torch) maps the name to `torch.<name>`; the CLI
+The engine (`cloud.engine.weights`; only that package imports torch) maps the name to `torch.<name>`; the CLI
 validates the flag with `parse_dtype` before anything heavy is imported.
 """
 

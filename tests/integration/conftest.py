@@ -25,9 +25,13 @@ def engine_cache_dir(
 @pytest.fixture(scope="session")
 def smol_engine(smollm2: Path, engine_cache_dir: Path) -> Any:
     """A `TransformersEngine` on SmolLM2-135M (CPU, fp32), shared by the session's tests:
-    each test uses its own session ids."""
+    each test uses its own session ids. float32 on every CPU: the tests compare a cached
+    or batched call's greedy text with a cold one, which bf16 rounding (auto's choice on
+    CPUs with AMX or AVX512-BF16) splits on near-ties."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from cloud.engine import TransformersEngine
 
-    return TransformersEngine.load(str(smollm2), device="cpu", cache_dir=engine_cache_dir)
+    return TransformersEngine.load(
+        str(smollm2), device="cpu", cache_dir=engine_cache_dir, dtype="float32"
+    )

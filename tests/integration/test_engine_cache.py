@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from cloud.decoding import EXTRA_TOKENS  # noqa: E402
-from cloud.engine import TransformersEngine, _cache_bytes  # noqa: E402
+from cloud.engine import TransformersEngine  # noqa: E402
+from cloud.engine.kv import cache_bytes  # noqa: E402
 from cloud.engine_api import EngineCancelled, EngineContextFull, Generated  # noqa: E402
 from shared.wire import (  # noqa: E402
     FINISH_CONTEXT_FULL,
@@ -97,7 +98,7 @@ def cold(engine: TransformersEngine, text: str, n: int = N) -> Generated:
 
 
 def session_bytes(engine: TransformersEngine) -> int:
-    return sum(_cache_bytes(s.cache) for s in engine.caches.idle().values())
+    return sum(cache_bytes(s.cache) for s in engine.caches.idle().values())
 
 
 # ---- correctness against cold prefill --------------------------------------------------
@@ -402,17 +403,17 @@ def test_seeded_sampling_is_reproducible(engine, fresh_id):
 
 
 def test_second_load_uses_the_converted_folder(engine, gguf, engine_cache_dir, monkeypatch):
-    import cloud.engine
+    import cloud.engine.weights
 
     gguf_loads: list[str] = []  # loads that read (and dequantize) the GGUF file itself
-    real = cloud.engine.AutoModelForCausalLM.from_pretrained
+    real = cloud.engine.weights.AutoModelForCausalLM.from_pretrained
 
     def spy(*args, **kwargs):
         if "gguf_file" in kwargs:
             gguf_loads.append(kwargs["gguf_file"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cloud.engine.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(cloud.engine.weights.AutoModelForCausalLM, "from_pretrained", spy)
     again = TransformersEngine.load(str(gguf), device="cpu", cache_dir=engine_cache_dir)
     folder = Path(again.loaded_from)
     assert gguf_loads == []  # the converted folder was read; the GGUF was not dequantized

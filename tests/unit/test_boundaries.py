@@ -53,16 +53,16 @@ def test_cloud_never_imports_the_edge(path):
 
 
 def test_one_module_owns_each_heavy_dependency():
+    """torch and transformers live in the `cloud.engine` package only, llama.cpp in one module."""
     owners: dict[str, set[str]] = {name: set() for name in HEAVY}
     for package in ("shared", "edge", "cloud"):
         for path in modules(package):
             for name in roots(imports_of(path)) & HEAVY:
                 owners[name].add(str(path.relative_to(REPO)))
-    assert owners == {
-        "torch": {"cloud/engine.py"},
-        "transformers": {"cloud/engine.py"},
-        "llama_cpp": {"edge/drafter.py"},
-    }
+    engine_package = {str(p.relative_to(REPO)) for p in modules("cloud/engine")}
+    assert owners["torch"] and owners["torch"] <= engine_package
+    assert owners["transformers"] and owners["transformers"] <= engine_package
+    assert owners["llama_cpp"] == {"edge/drafter.py"}
 
 
 @pytest.mark.parametrize(

@@ -1,63 +1,34 @@
-"""The engine knows nothing about gRPC, auth, deltas or the policy: text in, text out, with a per-session KV cache.
+"""`TransformersEngine`: plan a call, then start / prefill / decode / finish steps over
+per-session KV caches, batched across calls (the order is in `cloud.engine`'s docstring).
 
-`TransformersEngine` implements `cloud.engine_api.StepEngine` and is the only module in
-the project that imports torch or transformers. `cloud.engine_thread.EngineThread` runs
-its steps for many calls at once; `generate` / `prefill` run one call by themselves.
-
-One call, in the order the code runs it:
-
-1. plan      render conversation + assistant text to one string (chat template, or a
-             plain prompt) and tokenize the *whole* string (caller's thread); BPE merges
-             across the old/new boundary, so token ids are never appended to a cached
-             list, they are re-derived from the text
-2. start     check the session's cache out (`cloud.session_cache`); keep the longest
-             common token prefix with its ids, crop the KV to it (one token less if
-             everything is cached: the last token's logits are needed to sample)
-3. prefill   the rest, one chunk per step: `prefill_chunk` tokens, or while other calls
-             are decoding as many as this machine prefills in `sharing_target_s`
-             (measured), so their streams pause for about that long at most;
-             should_stop() between chunks; the last chunk's logits give the first token
-4. decode    one token per step for every decoding call in ONE forward: their caches are
-             the rows of a left-padded batch (`cloud.batching`), each token at its own position,
-             the padding masked; calls join and leave the batch between steps.
-             `cloud.decoding.TextWriter` turns tokens into text and says when the call
-             ends (EOS, max_tokens, a stop string, a full context window; a character or
-             word left unfinished at max_tokens gets a few more tokens)
-5. finish    the session holds exactly the ids whose KV is computed; it is checked back
-             in, and idle sessions are evicted LRU-first within the KV budget
-             (`cloud.memory`, sized from the machine) and after `session_ttl_s`
-
-Models without a chat template get `shared.prompting.plain_prompt` (the same on the
-edge), then the assistant text verbatim.
-
-Models are loaded from a Hugging Face folder, a hub id (only where the hub is
-reachable), or a `.gguf` file. GGUF files are dequantized by transformers, which is slow,
-so the result is saved once to `<cache_dir>/converted/<stem>-<digest>/` and later loads
-read that folder.
+Knows nothing about gRPC, auth, deltas or the policy: text in, text out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import logging
-import os
-import re
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from cloud import memory
 from cloud.batching import DecodeBatch, StepRun, own
-from cloud.decoding import IncrementalDetokenizer, TextWriter, find_stop
-from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
+from cloud.decoding import IncrementalDetokenizer, TextWriter
+from cloud.engine.kv import (
+    cache_bytes,
+    cache_of,
+    common_prefix,
+    crop,
+    free_bytes,
+    kv_bytes_per_token,
+)
+from cloud.engine.sampling import sample
+from cloud.engine.weights import load_weights
 from cloud.engine_api import (
     CacheStats,
     EngineCancelled,
@@ -73,11 +44,6 @@ from cloud.session_cache import CachedSession, SessionCaches
 from shared.prompting import join_prompt, plain_prompt
 from shared.wire import Message, Sampling, TextChunk
 
-log = logging.getLogger(__name__)
-
-_MIB = 1 << 20
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 # Prompt tokens handed to the detokenizer as context, so the first generated token
 # decodes with the right leading space / byte merges.
 _DETOK_CONTEXT = 6
@@ -88,175 +54,6 @@ _DETOK_CONTEXT = 6
 _SHARING_TARGET_S = 2.0
 _SHARING_CHUNK = 128
 _MIN_CHUNK = 16
-
-__all__ = ["IncrementalDetokenizer", "TransformersEngine", "find_stop", "sample"]
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("SPECTHINK_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "specthink"
-
-
-# ---- loading ---------------------------------------------------------------------------
-
-
-def pick_device(device: str) -> torch.device:
-    """Resolve "auto" to cuda, else mps, else cpu; an explicit device must exist."""
-    cuda_ok = torch.cuda.is_available()
-    mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if device == "auto":
-        return torch.device("cuda" if cuda_ok else "mps" if mps_ok else "cpu")
-    kind = device.split(":")[0]
-    if kind == "cuda" and not cuda_ok:
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    if kind == "mps" and not mps_ok:
-        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
-    if kind not in _DTYPES:
-        raise ValueError(f"unknown device {device!r}: use auto, cuda, mps or cpu")
-    return torch.device(device)
-
-
-def gguf_digest(path: Path) -> str:
-    """A short content key for a GGUF file: sha256 of (size, first MiB, last MiB)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(_MIB))
-        f.seek(max(0, size - _MIB))
-        h.update(f.read(_MIB))
-    return h.hexdigest()[:16]
-
-
-def _check_gguf(path: Path) -> None:
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
-
-
-def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, Any, Any]:
-    """Dequantize a GGUF file once into a Hugging Face folder under `cache_dir/converted/`.
-
-    Returns (folder, model, tokenizer); model and tokenizer are None when the folder was
-    already there. The folder appears atomically (temp dir + rename), so a killed
-    conversion leaves no half folder behind.
-    """
-    converted = cache_dir / "converted"
-    folder = converted / f"{path.stem}-{gguf_digest(path)}"
-    if (folder / "config.json").is_file():
-        return folder, None, None
-    _check_gguf(path)
-    log.info("converting %s (once) to %s", path, folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:
-        raise ValueError(f"{path}: transformers cannot load this GGUF file: {e}") from e
-    # The dequantized weights are plain tensors; drop the GGUF "quantizer" so
-    # save_pretrained writes an ordinary checkpoint.
-    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    converted.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=converted))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: keep theirs
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder, model, tokenizer
-
-
-def _resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
-    """(what to from_pretrained, the GGUF converted folder if any, preloaded model/tokenizer)."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{path}: not a model (expected a .gguf file or a model folder)")
-        folder, m, t = convert_gguf(path, cache_dir)
-        return str(folder), folder, m, t
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a model folder (no config.json)")
-        return str(path), None, None, None
-    if _HUB_ID.match(model) and not model.endswith(".gguf"):
-        return model, None, None, None
-    raise ValueError(f"{model}: no such model file or folder")
-
-
-# ---- KV caches --------------------------------------------------------------------------
-
-
-def _cache_bytes(cache: Any) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-    return total
-
-
-def _crop(cache: Any, n: int) -> None:
-    """Cut every layer of `cache` to its first `n` tokens (layers may disagree after an
-    interrupted forward, so each is cut on its own)."""
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.shape[-2] > n:
-            layer.crop(n - keys.shape[-2])
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _kv_bytes_per_token(cfg: Any, dtype: torch.dtype) -> int:
-    """KV bytes one token of context costs: layers x (K + V) x kv heads x head dim."""
-    heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
-    head_dim = int(getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", heads) // heads)
-    layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
-    return layers * 2 * kv_heads * head_dim * dtype.itemsize
-
-
-def _free_bytes(device: torch.device) -> int:
-    """Free memory for KV on `device`, measured now (after the weights are loaded)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return memory.available_ram()
-
-
-# ---- sampling -------------------------------------------------------------
-
-
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """One token id from a [vocab] logits vector: greedy at temperature 0, otherwise
-    temperature, then top_k (0 = off), then top_p (nucleus)."""
-    logits = logits.float().cpu()
-    if s.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / s.temperature
-    if 0 < s.top_k < logits.numel():
-        values, order = torch.topk(logits, s.top_k)  # sorted, highest first
-    else:
-        values, order = torch.sort(logits, descending=True)
-    if 0 < s.top_p < 1:
-        p = torch.softmax(values, dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        values = values.masked_fill((p.cumsum(dim=-1) - p) >= s.top_p, float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    return int(order[torch.multinomial(probs, 1, generator=generator)])
-
-
-# ---- the engine ------------------------------------------------------------------------
 
 
 class TransformersEngine:
@@ -289,8 +86,8 @@ class TransformersEngine:
         self.sharing_target_s = _SHARING_TARGET_S
         self._prefill_rate: float | None = None  # prefill tokens/s, smoothed
         self._model_lock = threading.RLock()  # the engine thread's steps vs a direct call
-        self._batch = DecodeBatch(_cache_of)  # the decoding runs
-        self._rows = DecodeBatch(_cache_of)  # runs prefilled together, for one step
+        self._batch = DecodeBatch(cache_of)  # the decoding runs
+        self._rows = DecodeBatch(cache_of)  # runs prefilled together, for one step
 
         cfg = (
             model.config.get_text_config()
@@ -301,8 +98,8 @@ class TransformersEngine:
         self.context_length = min(context_length, model_ctx) if context_length else model_ctx
         self.memory = memory.plan(
             device=device.type,
-            free_bytes=_free_bytes(device),
-            bytes_per_token=_kv_bytes_per_token(cfg, model.dtype),
+            free_bytes=free_bytes(device),
+            bytes_per_token=kv_bytes_per_token(cfg, model.dtype),
             context_length=self.context_length,
             budget_bytes=max_cache_bytes,
             max_running=max_running,
@@ -311,8 +108,8 @@ class TransformersEngine:
             budget_bytes=self.memory.budget_bytes,
             ttl_s=session_ttl_s,
             new_cache=DynamicCache,
-            nbytes=_cache_bytes,
-            crop=_crop,
+            nbytes=cache_bytes,
+            crop=crop,
             bytes_per_token=self.memory.bytes_per_token,
             clock=clock,
         )
@@ -346,38 +143,19 @@ class TransformersEngine:
         max_running: int | None = None,
         dtype: str = "auto",
     ) -> TransformersEngine:
-        """Load a Hugging Face folder, hub id or `.gguf` file (converted once, then cached).
-
-        Raises ValueError with a one-line message for an unknown path, a file that is not
-        a model, an unreachable hub id, an unavailable device or an unknown dtype.
-        `dtype` is auto, bfloat16, float16 or float32 (see `cloud.dtypes.resolve_dtype`).
-        """
+        """Load a Hugging Face folder, hub id or `.gguf` file (converted once, then cached)
+        with `cloud.engine.weights.load_weights`, whose ValueErrors (one line each) it raises."""
         t0 = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
-        dev = pick_device(device)
-        weights = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        source, converted, model_obj, tokenizer = _resolve(model, cache_dir)
-        if model_obj is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=weights)
-            except OSError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(
-                    f"{model}: cannot load (hub unreachable or not a model?): {first}"
-                ) from e
-        else:
-            model_obj = model_obj.to(weights)
-        model_obj = model_obj.to(dev).eval()
+        w = load_weights(model, device, dtype, cache_dir)
         engine = cls(
-            model_obj,
-            tokenizer,
+            w.model,
+            w.tokenizer,
             model_id=model,
-            device=dev,
-            loaded_from=source,
-            converted_from=Path(model) if converted is not None else None,
+            device=w.device,
+            loaded_from=w.loaded_from,
+            converted_from=w.converted_from,
             max_cache_bytes=max_cache_bytes,
             session_ttl_s=session_ttl_s,
             prefill_chunk=prefill_chunk,
@@ -445,10 +223,10 @@ class TransformersEngine:
         """Crop the session to its longest common token prefix with `prompt`; returns
         how many prompt tokens are re-used. With need_logits, at least one prompt token
         is left to compute, since sampling needs the last position's logits."""
-        keep = _common_prefix(s.ids, prompt)
+        keep = common_prefix(s.ids, prompt)
         if need_logits:
             keep = min(keep, len(prompt) - 1)
-        _crop(s.cache, keep)
+        crop(s.cache, keep)
         del s.ids[keep:]
         self.caches.count_reuse(keep)
         return keep
@@ -646,7 +424,7 @@ class TransformersEngine:
         rows.release(list(rows.runs))
         for r in runs:
             assert r.s is not None
-            _crop(r.s.cache, len(r.s.ids))  # the padding tokens' KV at the end of short rows
+            crop(r.s.cache, len(r.s.ids))  # the padding tokens' KV at the end of short rows
         return [out.logits[i, last.index(len(c) - 1)] for i, c in enumerate(chunks)]
 
     def _forward_batch(self, batch: DecodeBatch) -> torch.Tensor:
@@ -724,17 +502,6 @@ class TransformersEngine:
         out = run.outcome()
         assert isinstance(out, Generated)
         yield out
-
-
-def _cache_of(layers: Iterable[tuple[Any, Any]]) -> Any:
-    """A DynamicCache that holds these per-layer [batch, heads, tokens, dim] tensors as
-    they are (no copy)."""
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates layer i, of the cache's own kind
-        layer: Any = cache.layers[i]
-        layer.keys, layer.values = k, v
-    return cache
 
 
 def _implements_engine(engine: TransformersEngine) -> StepEngine:

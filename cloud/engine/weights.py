@@ -1,0 +1,165 @@
+"""Weights in: a Hugging Face folder, a hub id or a `.gguf` file, on a device, in a dtype.
+
+Part of `cloud.engine`, the package that alone imports torch and transformers. GGUF files
+are dequantized by transformers, which is slow, so the result is saved once to
+`<cache_dir>/converted/<stem>-<digest>/` and later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_MIB = 1 << 20
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DEVICE_KINDS = ("cuda", "mps", "cpu")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SPECTHINK_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "specthink"
+
+
+def pick_device(device: str) -> torch.device:
+    """Resolve "auto" to cuda, else mps, else cpu; an explicit device must exist."""
+    cuda_ok = torch.cuda.is_available()
+    mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if device == "auto":
+        return torch.device("cuda" if cuda_ok else "mps" if mps_ok else "cpu")
+    kind = device.split(":")[0]
+    if kind == "cuda" and not cuda_ok:
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    if kind == "mps" and not mps_ok:
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    if kind not in _DEVICE_KINDS:
+        raise ValueError(f"unknown device {device!r}: use auto, cuda, mps or cpu")
+    return torch.device(device)
+
+
+def gguf_digest(path: Path) -> str:
+    """A short content key for a GGUF file: sha256 of (size, first MiB, last MiB)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(_MIB))
+        f.seek(max(0, size - _MIB))
+        h.update(f.read(_MIB))
+    return h.hexdigest()[:16]
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+
+
+def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, Any, Any]:
+    """Dequantize a GGUF file once into a Hugging Face folder under `cache_dir/converted/`.
+
+    Returns (folder, model, tokenizer); model and tokenizer are None when the folder was
+    already there. The folder appears atomically (temp dir + rename), so a killed
+    conversion leaves no half folder behind.
+    """
+    converted = cache_dir / "converted"
+    folder = converted / f"{path.stem}-{gguf_digest(path)}"
+    if (folder / "config.json").is_file():
+        return folder, None, None
+    _check_gguf(path)
+    log.info("converting %s (once) to %s", path, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"{path}: transformers cannot load this GGUF file: {e}") from e
+    # The dequantized weights are plain tensors; drop the GGUF "quantizer" so
+    # save_pretrained writes an ordinary checkpoint.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    converted.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=converted))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: keep theirs
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, model, tokenizer
+
+
+def resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
+    """(what to from_pretrained, the GGUF converted folder if any, preloaded model/tokenizer)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path}: not a model (expected a .gguf file or a model folder)")
+        folder, m, t = convert_gguf(path, cache_dir)
+        return str(folder), folder, m, t
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: not a model folder (no config.json)")
+        return str(path), None, None, None
+    if _HUB_ID.match(model) and not model.endswith(".gguf"):
+        return model, None, None, None
+    raise ValueError(f"{model}: no such model file or folder")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A loaded model and its tokenizer, with where they were read from."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    loaded_from: str  # the folder or hub id actually read
+    converted_from: Path | None  # the GGUF file, when loaded_from is its conversion
+
+
+def load_weights(model: str, device: str, dtype: str, cache_dir: Path | None) -> Weights:
+    """Load `model` onto `device` in `dtype` (auto, bfloat16, float16 or float32, see
+    `cloud.dtypes.resolve_dtype`), in eval mode.
+
+    Raises ValueError with a one-line message for an unknown path, a file that is not a
+    model, an unreachable hub id, an unavailable device or an unknown dtype.
+    """
+    dev = pick_device(device)
+    dtype_ = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source, converted, model_obj, tokenizer = resolve(model, cache_dir)
+    if model_obj is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{model}: cannot load (hub unreachable or not a model?): {first}"
+            ) from e
+    else:
+        model_obj = model_obj.to(dtype_)
+    return Weights(
+        model=model_obj.to(dev).eval(),
+        tokenizer=tokenizer,
+        device=dev,
+        loaded_from=source,
+        converted_from=Path(model) if converted is not None else None,
+    )

@@ -28,11 +28,8 @@ from edge.wiring import (
     EXIT_INTERRUPTED,
     Output,
     Run,
-    connect_cloud,
     fail,
-    load_drafter,
     notice,
-    policy_config,
     prepare,
     print_json,
     print_speeds,
@@ -389,9 +386,6 @@ def doctor(model: ModelOpt = None) -> None:
         raise typer.Exit(EXIT_RUNTIME)
 
 
-EVAL_MAX_TOKENS = 32768  # the paper's evaluation budget
-
-
 @app.command("eval")
 def eval_(
     dataset: Annotated[
@@ -439,174 +433,44 @@ def eval_(
     ] = False,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Only write the table, report.json and tradeoff.png from OUT/results.jsonl "
+            "(no model, no cloud; safe beside a running eval).",
+        ),
+    ] = False,
 ) -> None:
     """Run DATASET under each strategy: accuracy, tokens, measured speed; table, JSON, PNG.
 
-    Results are appended per problem to OUT/results.jsonl: an interrupted run resumes."""
-    from datetime import date
+    Results are appended per problem to OUT/results.jsonl: an interrupted run resumes.
+    The table counts the problems every strategy has answered."""
+    from edge import eval_command
 
-    from edge import datasets, evaluate
-    from edge.session import CloudSession, SessionOptions, SpeculativeSession
-    from edge.wiring import with_mode
-    from shared import policy as policy_rules
-    from shared.wire import Message, Sampling
-
-    named = _parse_variants(variants or [])
-    wanted = [s.strip() for s in strategies.split(",") if s.strip()]
-    wanted += [name for name in named if name not in wanted]
-    unknown = [s for s in wanted if s not in ("speculative", "edge", "cloud", *named)]
-    if not wanted or unknown:
-        fail(
-            "--strategy takes speculative, edge, cloud and --variant names, not "
-            f"{', '.join(unknown) or 'nothing'}"
-        )
-    path = datasets.resolve(dataset)
-    try:
-        level_set = {int(x) for x in levels.split(",")} if levels else None
-        problems = evaluate.load_problems(path, level_set, limit)
-    except ValueError:
-        fail(f"--levels takes comma-separated integers, not {levels!r}")
-    except evaluate.EvalError as exc:
-        fail(str(exc))
-    cfg = settings(
-        model=model,
+    if report_only:
+        eval_command.report(dataset, out)
+        return
+    eval_command.run(
+        dataset,
         cloud=cloud,
-        max_tokens=max_tokens or EVAL_MAX_TOKENS,
+        model=model,
+        limit=limit,
+        levels=levels,
+        strategies=strategies,
+        variants=variants,
+        max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
         mode=mode,
-        policy_file=str(policy_file) if policy_file else None,
+        policy_file=policy_file,
+        knobs=knobs,
+        out=out,
+        restart=restart,
+        allow_mixed=allow_mixed,
         gpu_layers=gpu_layers,
         threads=threads,
     )
-    choice = policy_config(cfg, knobs)
-    needs_cloud = any(s != "edge" for s in wanted)
-    if needs_cloud and not cfg.cloud:
-        fail("strategies other than edge need a cloud: pass --cloud HOST:PORT")
-    transport, _ = connect_cloud(cfg, "speculative", local_only=not needs_cloud)
-    drafter = load_drafter(cfg) if any(s != "cloud" for s in wanted) else None
-    base_policy, mode_reason = with_mode(choice, drafter)
-    notice(f"mode {mode_reason}")
-    policies = {"speculative": base_policy}
-    try:
-        for name, overrides in named.items():
-            policies[name] = policy_rules.config_from_mapping(overrides, base_policy)
-    except policy_rules.PolicyConfigError as exc:
-        fail(f"--variant {name}: {exc}")
-    budget = cfg.max_tokens
-    n_ctx = getattr(drafter, "n_ctx", None)
-    if n_ctx and budget > n_ctx:
-        notice(f"token budget {budget} capped to the edge model's context ({n_ctx})")
-        budget = n_ctx
-    sampling = Sampling(
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed
-    )
-
-    def answer_fn(prompt: str, strategy: str) -> dict[str, Any]:
-        session_id = uuid.uuid4().hex
-        cloud_session = CloudSession(transport, session_id) if strategy != "edge" else None
-        options = SessionOptions(
-            strategy=strategy if strategy in ("edge", "cloud") else "speculative",
-            max_tokens=budget,
-            sampling=sampling,
-            policy=policies.get(strategy, base_policy),
-            think_prefix=getattr(drafter, "think_prefix", ""),
-        )
-        loop = SpeculativeSession(drafter, cloud_session, options)  # type: ignore[arg-type]
-        try:
-            return loop.run([Message("user", prompt)]).to_json()
-        finally:
-            if cloud_session is not None:
-                transport.end_session(session_id)
-
-    out_dir = out or Path("eval-results") / path.stem
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "dataset": path.name,
-        "levels": sorted(level_set) if level_set else None,
-        "limit": limit,
-        "strategies": wanted,
-        "max_tokens": budget,
-        "mode": str(base_policy.mode),
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "top_k": cfg.top_k,
-        "seed": cfg.seed,
-        "edge_model": str(getattr(drafter, "path", "")),
-        "policy": {k: v for k, v in vars(base_policy).items() if k != "mode"},
-        "variants": named,
-        **_model_pair(transport, drafter),
-    }
-    rows: list[Any] = []
-    interrupted = False
-    try:
-        rows = evaluate.run_eval(
-            problems,
-            wanted,
-            answer_fn,
-            out_dir / "results.jsonl",
-            progress=sys.stderr.isatty(),
-            run_config=run_config,
-            restart=restart,
-            allow_mixed=allow_mixed,
-        )
-    except evaluate.EvalInterrupted as stop:
-        rows, interrupted = stop.rows, True
-    except evaluate.EvalError as exc:
-        fail(str(exc))
-    finally:
-        if transport is not None:
-            transport.close()
-    summaries = evaluate.summarize(rows)
-    typer.echo(evaluate.format_table(summaries))
-    evaluate.write_report(summaries, rows, out_dir / "report.json", run_config=run_config)
-    evaluate.plot(
-        summaries, out_dir / "tradeoff.png", dataset=path.stem, date=date.today().isoformat()
-    )
-    notice(
-        f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
-        f"{out_dir / 'results.jsonl'}"
-    )
-    if interrupted:
-        notice("interrupted: run the same command again to resume")
-        raise typer.Exit(EXIT_INTERRUPTED)
-
-
-def _model_pair(transport: Any, drafter: Any) -> dict[str, str | None]:
-    """Which models answer (kept in the results header): the cloud's model id, asked of the
-    cloud, and the SHA-256 of the edge model's file."""
-    from edge import evaluate
-    from shared import errors
-
-    cloud_model = None
-    if transport is not None:
-        try:
-            cloud_model = transport.model_info().model_id
-        except errors.SpecThinkError as exc:
-            fail(f"the cloud did not say which model it serves ({exc.message})")
-    path = getattr(drafter, "path", None)
-    edge_sha = evaluate.file_sha256(path) if path else None
-    return {"cloud_model": cloud_model, "edge_model_sha256": edge_sha}
-
-
-def _parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
-    """--variant NAME:KNOB=V[,KNOB=V] -> {NAME: {KNOB: V}} (values checked later)."""
-    from edge.wiring import _knob_value
-
-    named: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        name, sep, body = spec.partition(":")
-        name = name.strip()
-        if not sep or not name or name in ("speculative", "edge", "cloud") or name in named:
-            fail(f"--variant takes NAME:KNOB=VALUE[,KNOB=VALUE] with a new name, not {spec!r}")
-        knobs: dict[str, Any] = {}
-        for pair in body.split(","):
-            key, eq, value = pair.partition("=")
-            if not eq or not key.strip():
-                fail(f"--variant {name}: expected KNOB=VALUE, got {pair!r}")
-            knobs[key.strip()] = _knob_value(value.strip())
-        named[name] = knobs
-    return named
 
 
 def main() -> None:

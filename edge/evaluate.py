@@ -565,6 +565,18 @@ def run_eval(
     return _rows_for(wanted, done)
 
 
+def answered_by_all(rows: Sequence[Row], strategies: Sequence[str]) -> tuple[list[Row], int]:
+    """The rows of the problems that every one of `strategies` has answered (each strategy
+    then counts the same problems), and how many rows were left out."""
+    wanted = set(strategies)
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        seen.setdefault(r.problem_id, set()).add(r.strategy)
+    complete = {pid for pid, got in seen.items() if wanted <= got}
+    kept = [r for r in rows if r.problem_id in complete and r.strategy in wanted]
+    return kept, len(rows) - len(kept)
+
+
 def _needs_answer(row: Row | None, retry_errors: bool) -> bool:
     return row is None or (retry_errors and row.error is not None)
 

@@ -6,6 +6,7 @@ models, gRPC or the results file (`edge.evaluate` writes and reads those).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -194,37 +195,55 @@ def _staircase(front: Sequence[StrategySummary]) -> tuple[list[float], list[floa
     return xs, ys
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of an accuracy, in percent (0, 0 for n = 0)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
 def plot(
     summaries: Sequence[StrategySummary],
     png_path: Path,
     dataset: str = "",
     date: str | None = None,
 ) -> None:
-    """Accuracy % against tokens/s, one labelled point per strategy, Pareto front stepped."""
+    """Accuracy % against tokens/s: one point per strategy, named in the legend, with its
+    95 % interval (Wilson) as a bar; the Pareto front stepped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     try:
         for s in summaries:
-            ax.scatter([s.tokens_per_s], [s.accuracy_pct], s=40, zorder=3)
-            ax.annotate(
-                s.strategy,
-                (s.tokens_per_s, s.accuracy_pct),
-                textcoords="offset points",
-                xytext=(6, 4),
+            low, high = wilson_interval(s.correct, s.n)
+            ax.errorbar(
+                [s.tokens_per_s],
+                [s.accuracy_pct],
+                yerr=[[s.accuracy_pct - low], [high - s.accuracy_pct]],
+                fmt="o",
+                markersize=7,
+                capsize=3,
+                alpha=0.9,
+                zorder=3,
+                label=f"{s.strategy} ({s.accuracy_pct:.0f} %, {s.tokens_per_s:.1f} tok/s)",
             )
         xs, ys = _staircase(pareto_front(summaries))
         ax.plot(xs, ys, linestyle="--", color="grey", zorder=2, label="Pareto front")
         ax.set_xlabel("output tokens / s (wall clock)")
-        ax.set_ylabel("accuracy %")
+        ax.set_ylabel("accuracy % (bars: 95 % interval)")
         when = date or datetime.now(UTC).date().isoformat()
-        ax.set_title(f"Accuracy vs speed — {dataset or 'benchmark'} — {when}")
+        problems = max((s.n for s in summaries), default=0)
+        ax.set_title(f"Accuracy vs speed — {dataset or 'benchmark'}, {problems} problems — {when}")
         ax.grid(True, alpha=0.3)
-        ax.margins(0.15)
-        ax.legend(loc="best")
+        ax.margins(x=0.15)
+        ax.set_ylim(-3, 103)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
         png_path = Path(png_path)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png_path, dpi=100, bbox_inches="tight")

@@ -495,3 +495,14 @@ def test_the_edge_model_checksum_is_the_files_sha256(tmp_path: Path) -> None:
     import hashlib
 
     assert file_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("correct", "n", "low", "high"),
+    [(0, 10, 0.0, 27.75), (5, 10, 23.66, 76.34), (10, 10, 72.25, 100.0), (0, 0, 0.0, 0.0)],
+)
+def test_the_plots_accuracy_interval_is_wilsons(correct, n, low, high) -> None:
+    from edge.eval_report import wilson_interval
+
+    got = wilson_interval(correct, n)
+    assert got == pytest.approx((low, high), abs=0.01)

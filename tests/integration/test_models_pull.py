@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge import models
+from edge import model_download, models
 from edge.models import ModelError
 
 try:  # tests/integration as a package ...
@@ -60,7 +60,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("SPECTHINK_MODELS_DIR", str(store))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    monkeypatch.setattr(models, "_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(model_download, "_RETRY_PAUSE_S", 0.0)
     return store
 
 

@@ -225,7 +225,7 @@ def test_the_batch_never_holds_more_than_max_running(engine):
 
 def test_a_new_call_joins_between_steps_without_waiting_for_the_others(engine):
     loop = EngineThread(engine)
-    long = generate(loop, "long", 1000)
+    long = generate(loop, "long", 100_000)  # far more than the test lets it write
     next(long)  # "long" is decoding
     events = list(generate(loop, "short", 3))  # finishes while "long" still runs
     assert isinstance(events[-1], Generated)
@@ -237,7 +237,7 @@ def test_a_new_call_joins_between_steps_without_waiting_for_the_others(engine):
 
 def test_a_long_prefill_delays_running_decodes_by_one_chunk_per_step(engine):
     loop = EngineThread(engine)
-    long = generate(loop, "decoding", 1000)
+    long = generate(loop, "decoding", 100_000)  # still decoding when the reader is done
     next(long)
     list(generate(loop, "reader", 2, text="p" * (CHUNK * 10)))  # 10 chunks of prompt
     after = engine.log[engine.log.index(("start", "reader")) :]

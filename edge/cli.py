@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edge.config import config_app
+from edge.config_cli import config_app
 from edge.models import models_app
 from edge.wiring import (
     EXIT_AUTH,

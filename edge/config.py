@@ -55,7 +55,6 @@ __all__ = [
     "EffectiveConfig",
     "Setting",
     "auto_threads",
-    "config_app",
     "config_file_path",
     "mask_secret",
     "resolve",
@@ -409,7 +408,7 @@ def _display(s: Setting, v: object) -> str:
     return str(v)
 
 
-def _json_value(s: Setting, v: object) -> object:
+def json_value(s: Setting, v: object) -> object:
     if s.secret and v is not None:
         return mask_secret(str(v))
     return v
@@ -555,67 +554,6 @@ def _raw_repr(v: object, sep: str) -> str:
     return repr(v)
 
 
-# --------------------------------------------------------------------------- CLI
-
-config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
-
-
-@config_app.callback()
-def _config_callback() -> None:
-    """Show the effective configuration."""
-
-
-@config_app.command("show")
-def _cli_show(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
-) -> None:
-    """Print every setting with its value and where it came from (the API key masked).
-
-    Precedence: flags > SPECTHINK_* environment > config file > defaults.
-    """
-    try:
-        cfg = resolve({})
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    exists = "exists" if cfg.config_file_exists else "not found"
-    default_model = _bundled_default()
-    cloud = _cloud_status(cfg)
-    if as_json:
-        doc = {
-            "config_file": str(cfg.config_file),
-            "config_file_exists": cfg.config_file_exists,
-            "settings": {
-                s.name: {
-                    "value": _json_value(s, getattr(cfg, s.name)),
-                    "source": cfg.source(s.name),
-                }
-                for s in SETTINGS
-            },
-            "model_in_use": cfg.model or default_model,
-            "cloud_status": cloud,
-        }
-        typer.echo(json.dumps(doc, indent=2))
-        return
-    rows = [("NAME", "VALUE", "SOURCE"), *cfg.rows()]
-    if cfg.model is None and default_model:
-        shown = (f"{default_model} (bundled default)", "default")
-        rows = [("model", *shown) if row[0] == "model" else row for row in rows]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    for name, value, source in rows:
-        typer.echo(f"{name:<{w0}}  {value:<{w1}}  {source}".rstrip())
-    typer.echo(f"\nconfig file: {cfg.config_file} ({exists})")
-    if cloud is not None:
-        if cloud["reachable"]:
-            typer.echo(
-                f"cloud: {cfg.cloud} answers: {cloud['model_id']} ({cloud['dtype']}), "
-                f"context {cloud['context_length']}"
-            )
-        else:
-            typer.echo(f"cloud: {cfg.cloud} unreachable: {cloud['why']}")
-
-
 def client_options(cfg: EffectiveConfig) -> Any:
     """The gRPC client's options (edge.cloud_client.ClientOptions) from the settings."""
     from edge.cloud_client import ClientOptions
@@ -632,26 +570,3 @@ def client_options(cfg: EffectiveConfig) -> Any:
         tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
         tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
     )
-
-
-def _bundled_default() -> str | None:
-    from edge import bundled
-
-    path = bundled.default_edge_model()
-    return str(path) if path else None
-
-
-def _cloud_status(cfg: EffectiveConfig) -> dict[str, object] | None:
-    """Whether the configured cloud answers, and what it serves (GetModelInfo)."""
-    if not cfg.cloud:
-        return None
-    from dataclasses import asdict
-
-    from edge.cloud_client import GrpcCloud
-    from edge.reachability import check
-
-    transport = GrpcCloud(client_options(cfg))
-    try:
-        return asdict(check(transport, cfg.cloud, cfg.connect_timeout_s))
-    finally:
-        transport.close()

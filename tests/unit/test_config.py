@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edge import config
-from edge.config import SETTINGS, ConfigError, config_app, resolve
+from edge.config import SETTINGS, ConfigError, resolve
+from edge.config_cli import config_app
 
 # One distinct (flag value, env text, file TOML literal, file value) per setting, so each
 # layer's winner is recognisable. A setting added to SETTINGS without a row here fails

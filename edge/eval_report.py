@@ -89,6 +89,33 @@ def summarize(rows: Sequence[Row]) -> list[StrategySummary]:
     ]
 
 
+@dataclass(frozen=True)
+class AgainstBaselines:
+    """Where a strategy lies between the small model alone and the large one alone."""
+
+    gap_closed_pct: float | None  # (acc - edge) / (cloud - edge) x 100; None without a gap
+    speed_vs_cloud: float | None  # its tok/s over cloud-only tok/s
+
+
+def against_baselines(summaries: Sequence[StrategySummary]) -> dict[str, AgainstBaselines]:
+    """Per strategy, the share of the edge-to-cloud accuracy gap it closes and its speed
+    relative to the cloud alone; empty unless both the edge and cloud rows are there."""
+    by_name = {s.strategy: s for s in summaries}
+    edge, cloud = by_name.get("edge"), by_name.get("cloud")
+    if edge is None or cloud is None:
+        return {}
+    gap = cloud.accuracy_pct - edge.accuracy_pct
+    return {
+        s.strategy: AgainstBaselines(
+            gap_closed_pct=100.0 * (s.accuracy_pct - edge.accuracy_pct) / gap if gap > 0 else None,
+            speed_vs_cloud=s.tokens_per_s / cloud.tokens_per_s if cloud.tokens_per_s > 0 else None,
+        )
+        for s in summaries
+    }
+
+
+_BASELINE_HEADER = ("gap closed %", "x cloud tok/s")
+
 _TABLE_HEADER = (
     "strategy",
     "n",
@@ -121,10 +148,25 @@ def _table_cells(s: StrategySummary) -> tuple[str, ...]:
     )
 
 
+def _baseline_cells(b: AgainstBaselines) -> tuple[str, ...]:
+    gap = "-" if b.gap_closed_pct is None else f"{b.gap_closed_pct:.0f}"
+    speed = "-" if b.speed_vs_cloud is None else f"{b.speed_vs_cloud:.2f}"
+    return gap, speed
+
+
 def format_table(summaries: Sequence[StrategySummary]) -> str:
-    """A Markdown table shaped like the paper's, one row per strategy."""
-    rows = [_TABLE_HEADER, *(_table_cells(s) for s in summaries)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_TABLE_HEADER))]
+    """A Markdown table shaped like the paper's, one row per strategy; with edge and cloud
+    rows, two more columns: the share of their accuracy gap closed, the speed over cloud's."""
+    relative = against_baselines(summaries)
+    header = _TABLE_HEADER + (_BASELINE_HEADER if relative else ())
+    rows = [
+        header,
+        *(
+            _table_cells(s) + (_baseline_cells(relative[s.strategy]) if relative else ())
+            for s in summaries
+        ),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
@@ -145,6 +187,7 @@ def write_report(
         "config": normalise_config(run_config or {}),
         "model_pairs": model_pairs(rows),
         "summaries": [asdict(s) for s in summaries],
+        "against_baselines": {k: asdict(v) for k, v in against_baselines(summaries).items()},
         "rows": [asdict(r) for r in rows],
     }
     json_path = Path(json_path)

@@ -506,3 +506,31 @@ def test_the_plots_accuracy_interval_is_wilsons(correct, n, low, high) -> None:
 
     got = wilson_interval(correct, n)
     assert got == pytest.approx((low, high), abs=0.01)
+
+
+def test_the_table_says_how_much_of_the_gap_each_strategy_closes_and_how_fast() -> None:
+    from dataclasses import replace
+
+    from edge.eval_report import against_baselines
+
+    by_name = {s.strategy: s for s in summarize(_fixture_rows())}
+    edge = replace(by_name["edge"], accuracy_pct=20.0, tokens_per_s=30.0)
+    cloud = replace(by_name["cloud"], accuracy_pct=60.0, tokens_per_s=5.0)
+    spec = replace(by_name["speculative"], accuracy_pct=50.0, tokens_per_s=8.0)
+    relative = against_baselines([edge, spec, cloud])
+    assert relative["speculative"].gap_closed_pct == pytest.approx(75.0)
+    assert relative["speculative"].speed_vs_cloud == pytest.approx(1.6)
+    assert relative["edge"].gap_closed_pct == 0.0 and relative["cloud"].gap_closed_pct == 100.0
+    table = format_table([edge, spec, cloud])
+    assert "gap closed %" in table.splitlines()[0]
+    assert any(line.startswith("| speculative ") and "| 75 " in line for line in table.splitlines())
+
+
+def test_without_a_gap_or_a_baseline_nothing_is_claimed() -> None:
+    from edge.eval_report import against_baselines
+
+    summaries = summarize(_fixture_rows())  # edge and cloud both at 50 %: no gap to close
+    assert all(b.gap_closed_pct is None for b in against_baselines(summaries).values())
+    without_cloud = [s for s in summaries if s.strategy != "cloud"]
+    assert against_baselines(without_cloud) == {}
+    assert "gap closed" not in format_table(without_cloud)

@@ -9,7 +9,6 @@ model, no cloud, so it can run beside an eval that is still answering.
 
 from __future__ import annotations
 
-import sys
 import uuid
 from datetime import date
 from pathlib import Path
@@ -157,7 +156,7 @@ def run(
             wanted,
             answer_fn,
             out_dir / "results.jsonl",
-            progress=sys.stderr.isatty(),
+            progress=True,
             run_config=run_config,
             restart=restart,
             allow_mixed=allow_mixed,

@@ -461,13 +461,15 @@ def _append_line(f: TextIO, line: str) -> None:
 
 
 class Progress:
-    """A one-line ``\\r`` progress bar with accuracy and ETA; silent unless a TTY."""
+    """Progress with accuracy and ETA: a one-line ``\\r`` bar on a terminal; elsewhere (a
+    log, ``nohup``) one plain line per answered row, saying which it was and how it went."""
 
     def __init__(
         self, total: int, already: int, stream: TextIO | None = None, enabled: bool = True
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled and self.stream.isatty()
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
         self.total, self.done, self.correct = total, already, 0
         self.graded, self.new, self.seconds = 0, 0, 0.0
 
@@ -478,6 +480,13 @@ class Progress:
     def update(self, row: Row, seconds: float) -> None:
         self.done, self.new, self.seconds = self.done + 1, self.new + 1, self.seconds + seconds
         self.graded, self.correct = self.graded + 1, self.correct + row.correct
+        if self.enabled and not self.tty:
+            verdict = "error" if row.error else "right" if row.correct else "wrong"
+            self.stream.write(
+                f"{self.line()}  {row.strategy} on {row.problem_id}: {verdict}, "
+                f"{row.output_tokens} tokens in {seconds:.1f} s\n"
+            )
+            self.stream.flush()
         self._draw()
 
     def line(self) -> str:
@@ -487,12 +496,12 @@ class Progress:
         return f"{self.done}/{self.total}  acc {acc:5.1f}%  ETA {eta_txt}"
 
     def _draw(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             self.stream.write("\r" + self.line() + "   ")
             self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -16,6 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.real_models
 BIN = Path(sys.executable).parent
+PROGRESS = {f"{i}/6" for i in range(1, 7)}
 MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"
 
 
@@ -69,6 +70,8 @@ def test_eval_limit_2_writes_table_json_and_png_and_resumes(tmp_path, smollm2, s
     assert all(r["cloud_tokens"] == 0 for r in answered if r["strategy"] == "edge")
     assert all(r["edge_tokens"] == 0 for r in answered if r["strategy"] == "cloud")
     assert report, "the JSON report is written"
+    progress = [line for line in done.stderr.splitlines() if line.split("  ")[0] in PROGRESS]
+    assert len(progress) == 6, done.stderr  # stderr is a pipe: one plain line per row
 
     png = out / "tradeoff.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

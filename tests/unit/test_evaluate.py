@@ -400,7 +400,22 @@ def test_progress_bar_shows_count_accuracy_and_eta_on_a_tty_only(tmp_path: Path)
         run_config=CONFIG,
         progress_stream=pipe,
     )
-    assert pipe.getvalue() == ""
+    lines = pipe.getvalue().splitlines()  # a log: one plain line per row, no \r
+    assert len(lines) == 3 and "\r" not in pipe.getvalue()
+    assert lines[0].startswith("1/3  acc 100.0%") and "edge on " in lines[0]
+    assert lines[2].startswith("3/3") and ": right, " in lines[2] and " tokens in " in lines[2]
+
+    quiet = io.StringIO()
+    run_eval(
+        _problems(),
+        ["edge"],
+        CountingAnswerer(),
+        tmp_path / "c.jsonl",
+        False,
+        run_config=CONFIG,
+        progress_stream=quiet,
+    )
+    assert quiet.getvalue() == ""
 
 
 def test_progress_eta_is_remaining_items_times_mean_item_time() -> None:

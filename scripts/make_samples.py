@@ -4,6 +4,11 @@
 (stratified); `math500-l123-calib.jsonl`: 15 other problems of the same levels (5 each), used
 only to choose the uncertainty trigger's thresholds, never reported. Each row keeps MATH-500's
 fields and adds `id` = its 0-based line in math500.jsonl.
+
+The sample is written with its levels interleaved (1, 2, 3, 1, 2, 3, ...), so that every
+prefix of it is stratified too: an eval that resumes across sessions reports a table over
+its first N problems whose levels are in the sample's proportions. The eval keys rows by
+`id`, so results written before the order changed stay valid.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ SEED = 20261202
 def main() -> None:
     rows = [json.loads(line) for line in (DATASETS / "math500.jsonl").read_text().splitlines()]
     rng = random.Random(SEED)
-    sample: list[dict] = []
+    by_level: list[list[dict]] = []
     calib: list[dict] = []
     for level in (1, 2, 3):
         ids = [i for i, r in enumerate(rows) if r["level"] == level]
         drawn = rng.sample(ids, 25)
-        sample += [{"id": str(i), **rows[i]} for i in sorted(drawn[:20])]
+        by_level.append([{"id": str(i), **rows[i]} for i in sorted(drawn[:20])])
         calib += [{"id": str(i), **rows[i]} for i in sorted(drawn[20:])]
+    sample = [row for group in zip(*by_level, strict=True) for row in group]
     for name, chosen in (("math500-l123-s60.jsonl", sample), ("math500-l123-calib.jsonl", calib)):
         with (DATASETS / name).open("w", encoding="utf-8") as f:
             for row in chosen:

@@ -254,26 +254,17 @@ def download(
         bar.close(done)
 
         got = hasher.hexdigest()
+        wrong = None
         if sha256 is not None and got != sha256:
+            wrong = f"checksum mismatch: expected {sha256}, got {got}"
+        elif size is not None and done != size:
+            wrong = f"size mismatch: expected {size:,} bytes, got {done:,}"
+        elif not is_gguf(partial):
+            wrong = "not a GGUF file (no GGUF magic)"
+        if wrong is not None:
             fh.close()
             partial.unlink(missing_ok=True)
-            raise ModelError(
-                f"{what}: checksum mismatch: expected {sha256}, got {got}; "
-                "the partial download was removed"
-            )
-        if size is not None and done != size:
-            fh.close()
-            partial.unlink(missing_ok=True)
-            raise ModelError(
-                f"{what}: size mismatch: expected {size:,} bytes, got {done:,}; "
-                "the partial download was removed"
-            )
-        if not is_gguf(partial):
-            fh.close()
-            partial.unlink(missing_ok=True)
-            raise ModelError(
-                f"{what}: not a GGUF file (no GGUF magic); the partial download was removed"
-            )
+            raise ModelError(f"{what}: {wrong}; the partial download was removed")
         os.fsync(fh.fileno())
         os.replace(partial, final)
     return final

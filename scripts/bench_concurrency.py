@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts.bench_rig import prefill_work
+
 ROOT = Path(__file__).resolve().parents[1]
 TAKEOVER = 20
 OPENING = (
@@ -195,25 +197,18 @@ def summarize(
     }
 
 
-def prefill_work(phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Prefilled tokens per token the cloud had not seen (as `scripts.bench.prefill_work`),
-    over every session of these phases: for a session's call, its prompt minus what the
-    cloud held after the session's previous call (that prompt plus what it generated)."""
-    prefilled = unseen = 0
-    for p in phases:
-        for session in {x["session"] for x in p["records"]}:
-            held = 0
-            for x in sorted(
+def session_runs(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each session of these phases as a run of its calls in order, the shape
+    `scripts.bench_rig.prefill_work` counts (a session id is unique within its phase)."""
+    return [
+        {
+            "calls": sorted(
                 (x for x in p["records"] if x["session"] == session), key=lambda x: x["round"]
-            ):
-                unseen += max(0, x["prompt"] - held)
-                prefilled += x["prefilled"]
-                held = x["prompt"] + x["generated"]
-    return {
-        "prefilled": prefilled,
-        "unseen": unseen,
-        "ratio": prefilled / unseen if unseen else None,
-    }
+            )
+        }
+        for p in phases
+        for session in sorted({x["session"] for x in p["records"]})
+    ]
 
 
 def proto_phase(side: Side, sessions: int, rounds: int) -> dict[str, Any]:
@@ -292,7 +287,7 @@ def bench_concurrency(rig: Any, rep: Any, quick: bool) -> None:
         gain = by_level[8]["aggregate_tok_s"] / one
         decode_gain = by_level[8]["decode_tok_s"] / one_decode
         crowded = [p for p in out["phases"] if p["engine"] == "batched" and p["sessions"] >= 8]
-        out["prefill_work_8_16"] = prefill_work(crowded)
+        out["prefill_work_8_16"] = prefill_work(session_runs(crowded))
         proto1 = proto_phase(batched, 1, rounds)
         proto8 = proto_phase(batched, 8, rounds)
         proto_gain = proto8["aggregate_tok_s"] / proto1["aggregate_tok_s"]

@@ -244,3 +244,30 @@ def run_session(
         "prefills": transport.prefills if transport is not None else [],
         "text_head": answer.text[:80],
     }
+
+
+def prefill_work(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Prefilled tokens per token the cloud had not seen, from the usage of each takeover.
+
+    Not seen by the cloud before call i: its prompt minus what it held after call i-1
+    (that call's prompt plus what it generated); all of the first call's prompt."""
+    prefilled = unseen = calls = 0
+    per_call: list[float] = []
+    for run in runs:
+        held = 0
+        for c in run["calls"]:
+            new = max(0, c["prompt"] - held)
+            prefilled += c["prefilled"]
+            unseen += new
+            calls += 1
+            if new:
+                per_call.append(c["prefilled"] / new)
+            held = c["prompt"] + c["generated"]
+    return {
+        "prefilled": prefilled,
+        "unseen": unseen,
+        "calls": calls,
+        "ratio": prefilled / unseen if unseen else None,
+        "extra_per_call": (prefilled - unseen) / calls if calls else None,
+        "per_call_median": median(per_call),
+    }

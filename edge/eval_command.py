@@ -211,6 +211,9 @@ def write_outputs(
         )
     summaries = evaluate.summarize(complete)
     typer.echo(evaluate.format_table(summaries))
+    by_level_and_paired = evaluate.format_paired(complete)
+    if by_level_and_paired:
+        typer.echo("\n" + by_level_and_paired)
     evaluate.write_report(summaries, complete, out_dir / "report.json", run_config=run_config)
     evaluate.plot(
         summaries, out_dir / "tradeoff.png", dataset=dataset_name, date=date.today().isoformat()

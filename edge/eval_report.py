@@ -166,13 +166,96 @@ def format_table(summaries: Sequence[StrategySummary]) -> str:
             for s in summaries
         ),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return _markdown(rows)
+
+
+# --------------------------------------------------------------------------- paired
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar p: the chance of a split at least this uneven of the
+    wins + losses discordant problems if either side were equally likely to win each."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A strategy against a baseline over the problems both answered: right where the
+    baseline is wrong (wins), wrong where it is right (losses), and McNemar's p."""
+
+    strategy: str
+    baseline: str
+    problems: int
+    wins: int
+    losses: int
+    p_value: float
+
+
+def paired(rows: Sequence[Row], baseline: str) -> dict[str, Paired]:
+    """Every other strategy paired problem by problem with `baseline` (empty without it)."""
+    right = {(r.problem_id, r.strategy): r.correct for r in rows}
+    base = {pid: ok for (pid, s), ok in right.items() if s == baseline}
+    out: dict[str, Paired] = {}
+    for strategy in _strategy_order(rows):
+        if strategy == baseline or not base:
+            continue
+        both = [(ok, base[pid]) for (pid, s), ok in right.items() if s == strategy and pid in base]
+        wins = sum(ok and not b for ok, b in both)
+        losses = sum(b and not ok for ok, b in both)
+        out[strategy] = Paired(strategy, baseline, len(both), wins, losses, mcnemar_p(wins, losses))
+    return out
+
+
+def accuracy_by_level(rows: Sequence[Row]) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per strategy and MATH level: (right, answered). Rows without a level are left out."""
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for r in rows:
+        if r.level is None:
+            continue
+        right, n = out.setdefault(r.strategy, {}).get(r.level, (0, 0))
+        out[r.strategy][r.level] = (right + r.correct, n + 1)
+    return out
+
+
+def format_paired(rows: Sequence[Row]) -> str:
+    """A Markdown table: accuracy per level, then each strategy paired with the edge alone
+    and with the cloud alone (+wins / -losses, exact McNemar p). Empty for a single row."""
+    levels = sorted({r.level for r in rows if r.level is not None})
+    by_level = accuracy_by_level(rows)
+    baselines = [b for b in ("edge", "cloud") if any(r.strategy == b for r in rows)]
+    pairs = {b: paired(rows, b) for b in baselines}
+    header = (
+        "strategy",
+        *(f"level {lv} right" for lv in levels),
+        *(f"vs {b}: +/-, p" for b in baselines),
+    )
+    table = [header]
+    for strategy in _strategy_order(rows):
+        cells = [strategy]
+        for lv in levels:
+            right, n = by_level.get(strategy, {}).get(lv, (0, 0))
+            cells.append(f"{right}/{n}")
+        for b in baselines:
+            x = pairs[b].get(strategy)
+            cells.append("-" if x is None else f"+{x.wins} / -{x.losses}, p={x.p_value:.2f}")
+        table.append(tuple(cells))
+    if len(table) < 3:
+        return ""
+    return _markdown(table)
+
+
+def _markdown(table: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])
 
 
 def write_report(
@@ -188,6 +271,13 @@ def write_report(
         "model_pairs": model_pairs(rows),
         "summaries": [asdict(s) for s in summaries],
         "against_baselines": {k: asdict(v) for k, v in against_baselines(summaries).items()},
+        "paired": {
+            b: {k: asdict(v) for k, v in paired(rows, b).items()} for b in ("edge", "cloud")
+        },
+        "accuracy_by_level": {
+            s: {str(lv): {"right": c, "n": n} for lv, (c, n) in sorted(levels.items())}
+            for s, levels in accuracy_by_level(rows).items()
+        },
         "rows": [asdict(r) for r in rows],
     }
     json_path = Path(json_path)

@@ -49,6 +49,7 @@ from typing import Any, TextIO
 from edge.eval_report import (  # noqa: F401  (the report is part of this module's API)
     STRATEGIES,
     StrategySummary,
+    format_paired,
     format_table,
     model_pairs,
     normalise_config,

@@ -69,16 +69,27 @@ def test_report_counts_complete_problems_and_writes_json_and_png(tmp_path: Path)
     result = CliRunner().invoke(app, ["eval", "math500", "--out", str(out), "--report"])
 
     assert result.exit_code == 0, result.output
+    main_table, by_level_and_paired = result.stdout.split("\n\n", 1)
     table = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-        for line in result.stdout.splitlines()
+        for line in main_table.splitlines()
         if line.startswith("| ") and "strategy" not in line
     }
     assert set(table) == set(STRATEGIES)
     assert table["cloud"][0] == "2" and table["cloud"][1].startswith("100.0")
     assert table["edge"][0] == "2" and table["edge"][1].startswith("50.0")  # c is left out
     assert "2 problems every strategy has answered" in result.stderr
+    paired_rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in by_level_and_paired.splitlines()
+        if line.startswith("| ") and "strategy" not in line
+    }
+    # on b the cloud is right where the edge is wrong; unc-1.1 matches the edge on both
+    assert paired_rows["cloud"] == ["2/2", "+1 / -0, p=1.00", "-"]
+    assert paired_rows["unc-1.1"] == ["1/2", "+0 / -0, p=1.00", "+0 / -1, p=1.00"]
     report = json.loads((out / "report.json").read_text())
+    assert report["paired"]["edge"]["cloud"]["wins"] == 1
+    assert report["accuracy_by_level"]["edge"] == {"1": {"right": 1, "n": 2}}
     assert {s["strategy"]: s["n"] for s in report["summaries"]} == dict.fromkeys(STRATEGIES, 2)
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.jsonl").read_bytes() == before  # the results are only read

@@ -241,7 +241,10 @@ def format_paired(rows: Sequence[Row]) -> str:
             cells.append(f"{right}/{n}")
         for b in baselines:
             x = pairs[b].get(strategy)
-            cells.append("-" if x is None else f"+{x.wins} / -{x.losses}, p={x.p_value:.2f}")
+            p = f"{x.p_value:.3f}" if x is not None and x.p_value < 0.01 else None
+            cells.append(
+                "-" if x is None else f"+{x.wins} / -{x.losses}, p={p or format(x.p_value, '.2f')}"
+            )
         table.append(tuple(cells))
     if len(table) < 3:
         return ""

@@ -241,14 +241,16 @@ def format_paired(rows: Sequence[Row]) -> str:
             cells.append(f"{right}/{n}")
         for b in baselines:
             x = pairs[b].get(strategy)
-            p = f"{x.p_value:.3f}" if x is not None and x.p_value < 0.01 else None
-            cells.append(
-                "-" if x is None else f"+{x.wins} / -{x.losses}, p={p or format(x.p_value, '.2f')}"
-            )
+            cells.append("-" if x is None else f"+{x.wins} / -{x.losses}, p={_p(x.p_value)}")
         table.append(tuple(cells))
     if len(table) < 3:
         return ""
     return _markdown(table)
+
+
+def _p(p_value: float) -> str:
+    """Two decimals; three below 0.01, so that a strong result does not read as p=0.00."""
+    return f"{p_value:.3f}" if p_value < 0.01 else f"{p_value:.2f}"
 
 
 def _markdown(table: Sequence[Sequence[str]]) -> str:

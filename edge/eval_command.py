@@ -55,7 +55,8 @@ def run(
     gpu_layers: int | None,
     threads: int | None,
 ) -> None:
-    """Answer every (problem, strategy) not yet in OUT/results.jsonl, then write the outputs."""
+    """Answer every (problem, strategy) not yet in OUT/results.jsonl, then write the outputs
+    over every row of the table (a run that adds a variant reports it beside the others)."""
     from edge import datasets, evaluate
     from edge.session import CloudSession, SessionOptions, SpeculativeSession
     from edge.wiring import with_mode
@@ -168,7 +169,9 @@ def run(
     finally:
         if transport is not None:
             transport.close()
-    write_outputs(rows, wanted, out_dir, path.stem, run_config)
+    stored, _ = evaluate.read_results(out_dir / "results.jsonl")  # names every row of the table
+    table_config: dict[str, Any] = stored or run_config
+    write_outputs(rows, table_config.get("strategies") or wanted, out_dir, path.stem, table_config)
     if interrupted:
         notice("interrupted: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -13,8 +13,10 @@ Pieces, in the order a run uses them:
   the answer's text (so ``regrade`` can judge it again without a re-run). The first line
   of that file is a header holding the run config, including the model pair that answers:
   the cloud's model id (GetModelInfo) and the edge model's SHA-256. Rerunning with the
-  same file skips the pairs already there, so an interrupted run resumes; a different
-  config is refused unless ``restart=True``, and another model pair unless
+  same file skips the pairs already there, so an interrupted run resumes. A resume may
+  add rows to the table (new strategies or ``--variant`` names: a new header line then
+  names them all) or run only some of them, but never redefine a variant; any other
+  config change is refused unless ``restart=True``, and another model pair unless
   ``allow_mixed=True`` (each row names its pair, so mixed results stay apart).
 * ``summarize`` / ``format_table`` / ``write_report`` / ``plot`` (from ``edge.eval_report``):
   the paper-shaped table (accuracy % / average output tokens) plus the measured speed
@@ -27,7 +29,7 @@ Results file format (``.jsonl``)::
     ...
 
 When a pair appears twice (``retry_errors=True`` appends a new row after an error row) the
-last row wins.
+last row wins; when a header appears twice (rows added to the table) the last one does.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ GRADE_TIMEOUT_S = 5
 PAIR_KEYS = ("cloud_model", "edge_model_sha256")
 """The run config's keys naming the model pair: another pair is refused unless allowed."""
 
+ROW_KEYS = ("strategies", "variants")
+"""The run config's keys naming the table's rows: a resume may add rows, never redefine one."""
+
 
 class EvalError(Exception):
     """A problem with the evaluation's inputs or results file, stated for a person."""
@@ -80,7 +85,8 @@ class EvalInterrupted(KeyboardInterrupt):
     """Raised by ``run_eval`` on Ctrl-C after the results file is closed.
 
     Still a ``KeyboardInterrupt`` (so an unprepared caller stops as usual); ``rows`` holds
-    every finished row of this run's pairs, including those from earlier runs.
+    every finished row of this run's problems for every strategy of the table, including
+    those from earlier runs.
     """
 
     def __init__(self, rows: list[Row]) -> None:
@@ -391,9 +397,15 @@ def _check_config(
         {k: old_n.get(k) for k in PAIR_KEYS}, {k: new_n.get(k) for k in PAIR_KEYS}
     )
     diff = _config_diff(
-        {k: v for k, v in old_n.items() if k not in PAIR_KEYS},
-        {k: v for k, v in new_n.items() if k not in PAIR_KEYS},
+        {k: v for k, v in old_n.items() if k not in (*PAIR_KEYS, *ROW_KEYS)},
+        {k: v for k, v in new_n.items() if k not in (*PAIR_KEYS, *ROW_KEYS)},
     )
+    old_variants, new_variants = old_n.get("variants") or {}, new_n.get("variants") or {}
+    diff += [
+        f"variant {name!r}: {old_variants[name]!r} -> {knobs!r} (give the new one another name)"
+        for name, knobs in new_variants.items()
+        if name in old_variants and old_variants[name] != knobs
+    ]
     if diff:
         raise EvalError(
             f"{path} was written with another config ({'; '.join(diff)}); "
@@ -408,10 +420,25 @@ def _check_config(
         )
 
 
+def with_all_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` (a checked stored config) naming the rows of both: its strategies then the new
+    ones, its variants and the new ones. Equal to `old` when `new` adds no row."""
+    merged = normalise_config(old)
+    new_n = normalise_config(new)
+    if "strategies" in merged or "strategies" in new_n:
+        strategies = merged.get("strategies") or []
+        added = [s for s in new_n.get("strategies") or [] if s not in strategies]
+        merged["strategies"] = strategies + added
+    if "variants" in merged or "variants" in new_n:
+        merged["variants"] = {**(new_n.get("variants") or {}), **(merged.get("variants") or {})}
+    return merged
+
+
 def _open_results(
     path: Path, config: dict[str, Any], restart: bool, allow_mixed: bool = False
-) -> tuple[TextIO, list[Row]]:
-    """Open the results file for appending, checking or writing its header."""
+) -> tuple[TextIO, list[Row], dict[str, Any]]:
+    """Open the results file for appending, checking or writing its header; also return the
+    config the file now stands for (with every row it holds or will hold)."""
     path = Path(path)
     old_config, rows = (None, []) if restart else read_results(path)
     if not restart:
@@ -422,15 +449,19 @@ def _open_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
     f = path.open("w" if fresh else "a", encoding="utf-8")
-    if fresh:
+    stored = normalise_config(config)
+    if not fresh:
+        assert old_config is not None
+        stored = with_all_rows(old_config, config)
+    if fresh or stored != normalise_config(old_config or {}):
         header = {
             "kind": "header",
             "version": FORMAT_VERSION,
-            "config": normalise_config(config),
+            "config": stored,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         _append_line(f, json.dumps(header, ensure_ascii=False))
-    return f, rows
+    return f, rows, stored
 
 
 def _repair_tail(path: Path) -> None:
@@ -537,21 +568,26 @@ def run_eval(
     progress_stream: TextIO | None = None,
     allow_mixed: bool = False,
 ) -> list[Row]:
-    """Answer every (problem, strategy) pair not yet in ``out_path``; return all their rows.
+    """Answer every (problem, strategy) pair not yet in ``out_path``; return the rows of
+    these problems for every strategy of the table (``strategies`` and any the file held
+    already), in table order.
 
     Problems are the outer loop, so an interrupted run has compared strategies on the same
     problems. Each row is appended and fsynced as soon as it is graded. ``run_config``
     (dataset, levels, seed, max_tokens, mode, policy knobs, and the model pair under
     ``PAIR_KEYS``) is stored in the header; resuming under another config raises
     ``EvalError`` unless ``restart=True``, which moves the old file to ``<name>.bak`` and
-    starts over; under another model pair unless ``allow_mixed=True``. Each new row
+    starts over (new strategies and variants are not another config: they add rows to the
+    table, and the header is appended again naming them all); under another model pair unless ``allow_mixed=True``. Each new row
     records the pair that answered it. ``retry_errors`` answers again
     the pairs whose stored row is an error. On Ctrl-C the file is closed and
     ``EvalInterrupted`` (a ``KeyboardInterrupt`` carrying the finished rows) is raised.
     """
     wanted = [(p, s) for p in problems for s in strategies]
     config = run_config or {}
-    f, existing = _open_results(Path(out_path), config, restart, allow_mixed)
+    f, existing, stored = _open_results(Path(out_path), config, restart, allow_mixed)
+    table = list(dict.fromkeys([*(stored.get("strategies") or []), *strategies]))
+    in_table = [(p, s) for p in problems for s in table]
     pair: dict[str, str | None] = {k: config.get(k) for k in PAIR_KEYS}
     done = {r.key: r for r in existing}
     todo = [(p, s) for p, s in wanted if _needs_answer(done.get((p.id, s)), retry_errors)]
@@ -568,11 +604,11 @@ def run_eval(
             done[row.key] = row
             bar.update(row, seconds)
     except KeyboardInterrupt:
-        raise EvalInterrupted(_rows_for(wanted, done)) from None
+        raise EvalInterrupted(_rows_for(in_table, done)) from None
     finally:
         f.close()
         bar.close()
-    return _rows_for(wanted, done)
+    return _rows_for(in_table, done)
 
 
 def answered_by_all(rows: Sequence[Row], strategies: Sequence[str]) -> tuple[list[Row], int]:

@@ -333,6 +333,51 @@ def test_resuming_under_another_config_is_refused_unless_restarted(tmp_path: Pat
     assert config == other and len(rows) == 1
 
 
+def _table_config(variants: dict[str, dict[str, str]]) -> dict[str, Any]:
+    return {**CONFIG, "strategies": ["edge", *variants], "variants": variants}
+
+
+def test_a_resume_adds_a_variant_as_new_rows_and_the_header_names_them_all(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run.jsonl"
+    first = {"unc-1": {"trigger": "uncertainty", "uncertainty_threshold": "1"}}
+    run_eval(_problems(), ["edge", "unc-1"], CountingAnswerer(), out, False, _table_config(first))
+
+    added = {"w20": {"trigger": "uncertainty", "uncertainty_window": "20"}}
+    answerer = CountingAnswerer()
+    rows = run_eval(_problems(), ["w20"], answerer, out, False, _table_config(added))
+
+    assert answerer.calls == [("a", "w20"), ("b", "w20"), ("c", "w20")]  # only the new row
+    assert [r.key for r in rows][:3] == [("a", "edge"), ("a", "unc-1"), ("a", "w20")]
+    assert len(rows) == 9  # the whole table for these problems, old rows included
+    config, stored = read_results(out)
+    assert config is not None
+    assert config["strategies"] == ["edge", "unc-1", "w20"]
+    assert config["variants"] == {**first, **added}
+    assert len(stored) == 9
+    headers = [line for line in out.read_text().splitlines() if '"kind": "header"' in line]
+    assert len(headers) == 2
+
+    again = CountingAnswerer()  # running a subset again adds nothing and asks nothing
+    run_eval(_problems(), ["edge"], again, out, False, _table_config({}))
+    assert again.calls == []
+    assert out.read_text().count('"kind": "header"') == 2
+
+
+def test_a_resume_may_not_redefine_a_variant(tmp_path: Path) -> None:
+    out = tmp_path / "run.jsonl"
+    knobs = {"unc": {"trigger": "uncertainty", "uncertainty_threshold": "1"}}
+    run_eval(_problems()[:1], ["unc"], CountingAnswerer(), out, False, _table_config(knobs))
+    other = {"unc": {"trigger": "uncertainty", "uncertainty_threshold": "2"}}
+    answerer = CountingAnswerer()
+    with pytest.raises(EvalError, match=r"variant 'unc'.*another name"):
+        run_eval(_problems(), ["unc"], answerer, out, False, _table_config(other))
+    assert answerer.calls == []
+    config, _ = read_results(out)
+    assert config is not None and config["variants"] == knobs
+
+
 def test_a_problem_that_raises_is_an_error_row_and_the_run_goes_on(tmp_path: Path) -> None:
     out = tmp_path / "run.jsonl"
     answerer = CountingAnswerer(fail_on={"b"})

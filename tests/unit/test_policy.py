@@ -243,9 +243,14 @@ def test_missing_policy_file_is_a_clear_error(tmp_path: Path):
 
 # ---- the uncertainty trigger (beyond the paper) ----------------------------------------
 
-UNSURE = PolicyConfig(trigger=policy.Trigger.UNCERTAINTY, uncertainty_threshold=1.5)
+UNSURE = PolicyConfig(
+    trigger=policy.Trigger.UNCERTAINTY, uncertainty_threshold=1.5, uncertainty_window=1
+)
 UNSURE_NR = PolicyConfig(
-    mode=Mode.NON_REASONING, trigger=policy.Trigger.UNCERTAINTY, uncertainty_threshold=1.5
+    mode=Mode.NON_REASONING,
+    trigger=policy.Trigger.UNCERTAINTY,
+    uncertainty_threshold=1.5,
+    uncertainty_window=1,
 )
 
 

@@ -52,6 +52,7 @@ def test_unsure_break_hands_over_and_sure_break_keeps_the_probe():
         mode=Mode.NON_REASONING,
         trigger=Trigger.UNCERTAINTY,
         uncertainty_threshold=1.0,
+        uncertainty_window=1,  # the first probe token decides
         start_tokens=0,
         takeover_tokens=2,
     )

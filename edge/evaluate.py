@@ -449,11 +449,9 @@ def _open_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
     f = path.open("w" if fresh else "a", encoding="utf-8")
-    stored = normalise_config(config)
-    if not fresh:
-        assert old_config is not None
-        stored = with_all_rows(old_config, config)
-    if fresh or stored != normalise_config(old_config or {}):
+    kept = None if fresh else old_config
+    stored = normalise_config(config) if kept is None else with_all_rows(kept, config)
+    if kept is None or stored != normalise_config(kept):
         header = {
             "kind": "header",
             "version": FORMAT_VERSION,
@@ -578,9 +576,9 @@ def run_eval(
     ``PAIR_KEYS``) is stored in the header; resuming under another config raises
     ``EvalError`` unless ``restart=True``, which moves the old file to ``<name>.bak`` and
     starts over (new strategies and variants are not another config: they add rows to the
-    table, and the header is appended again naming them all); under another model pair unless ``allow_mixed=True``. Each new row
-    records the pair that answered it. ``retry_errors`` answers again
-    the pairs whose stored row is an error. On Ctrl-C the file is closed and
+    table, and the header is appended again naming them all); under another model pair
+    unless ``allow_mixed=True``. Each new row records the pair that answered it.
+    ``retry_errors`` answers again the pairs whose stored row is an error. On Ctrl-C the file is closed and
     ``EvalInterrupted`` (a ``KeyboardInterrupt`` carrying the finished rows) is raised.
     """
     wanted = [(p, s) for p in problems for s in strategies]

@@ -9,7 +9,8 @@ right-aligned (left-padded) to the longest. Row i's tokens sit in columns pads[i
 the engine masks the padding and gives each row its own position ids, so each row
 attends to exactly its own tokens. Between steps rows join (padded copies) and leave
 (their columns copied back out, the rest compacted). A call alone in the batch keeps its
-own cache object, unpadded: one call by itself decodes exactly as it did unbatched.
+own cache object, unpadded: one call by itself decodes exactly as it did unbatched. While
+batched, a row's KV lives in the batch only (its own cache is emptied at the join).
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ class StepRun:
         should_stop: ShouldStop,
         writer: TextWriter | None,
         sampling: Sampling,
-        generator: Any,
+        seed: int,
     ) -> None:
         self.session = session
         self.prompt = prompt
         self.should_stop = should_stop
         self.writer = writer  # None: a prefill call
         self.sampling = sampling
-        self.generator = generator  # torch.Generator for a seeded call, else None
+        self.seed = seed  # the request's seed, or one drawn for it (`cloud.engine.sampling`)
+        self.draws = 0  # tokens sampled so far: the sampler's counter for this seed
         self.s: CachedSession | None = None  # the session's cache, once started
         self.cached = 0  # prompt tokens re-used from the session
         self.pending: int | None = None  # sampled, KV not computed yet
@@ -130,6 +132,11 @@ class DecodeBatch:
                 for i in range(layers)
             )
             self.pads = [p + width - held for p in self.pads] + [width - n for n in lengths]
+            # the rows now live in the batch alone: their own (or the old batch's) tensors
+            # are let go, so no row's KV is held twice while it is batched
+            for r in [*self.runs, *joining]:
+                if r.s is not None:
+                    r.s.cache = self.make_cache(())
         self.runs.extend(joining)
         for r in joining:
             r.in_batch = True

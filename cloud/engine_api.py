@@ -33,6 +33,7 @@ class EngineInfo:
     dtype: str
     chat_template: bool
     max_running: int = 1  # the batch-size limit: calls decoded together in one step
+    engine: str = "rows"  # the engine path: "rows" or "paged" (`serve --engine`)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ ShouldStop = Callable[[], bool]
 
 class EngineCancelled(Exception):
     """should_stop() said so between prefill chunks or decode steps."""
+
+
+class EngineOutOfMemory(Exception):
+    """A step ran out of device memory. The engine has freed what the step allocated and
+    left every run as after its last completed step, so the same runs can go on, fewer at
+    a time (`cloud.engine_thread` sheds the newest)."""
 
 
 class EngineContextFull(Exception):

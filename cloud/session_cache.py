@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +46,17 @@ class SessionCaches:
         crop: Callable[[Any, int], None],
         bytes_per_token: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        running_bytes: Callable[[Iterable[CachedSession]], int] | None = None,
+        release: Callable[[Any], None] | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
         self.ttl_s = ttl_s
         self.bytes_per_token = bytes_per_token  # estimates running sessions' bytes
         self._new_cache, self._nbytes, self._crop = new_cache, nbytes, crop
+        # what the running sessions really hold (the engine knows: padding, copies);
+        # by default their tokens' KV
+        self._running_bytes = running_bytes or self._token_bytes
+        self._release = release or (lambda cache: None)  # a cache is given up for good
         self._clock = clock
         self._lock = threading.Lock()
         self._idle: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
@@ -69,11 +75,12 @@ class SessionCaches:
                 return CachedSession([], self._new_cache(), now, dropped=True)
             for sid, idle in list(self._idle.items()):
                 if now - idle.last_use > self.ttl_s:
-                    self._remove(sid)
-                    self.evictions += 1
-            found = self._remove(key) or CachedSession([], self._new_cache(), now)
+                    self._evict(sid)
+            found = self._remove(key) or CachedSession([], None, now)
             self._running[key] = found
-            self._fit()
+            self._fit()  # room for it first: a new cache may take memory the idle ones hold
+            if found.cache is None:
+                found.cache = self._new_cache()
             return found
 
     def checkin(self, key: str, s: CachedSession) -> None:
@@ -85,6 +92,7 @@ class SessionCaches:
             if self._running.get(key) is s:
                 del self._running[key]
             if s.dropped:
+                self._release(s.cache)
                 return
             self._idle[key] = s
             self._idle.move_to_end(key)
@@ -104,18 +112,29 @@ class SessionCaches:
             running = self._running.get(key)
             if running is not None:
                 running.dropped = True
-            return self._remove(key) is not None or running is not None
+            idle = self._remove(key)
+            if idle is not None:
+                self._release(idle.cache)
+            return idle is not None or running is not None
 
     # ---- accounting ------------------------------------------------------------------
 
     def running_bytes(self) -> int:
-        """An estimate from token counts (running KV may sit in a padded batch)."""
-        return sum(len(s.ids) for s in self._running.values()) * self.bytes_per_token
+        """What the running sessions hold, as the engine counts it."""
+        return self._running_bytes(list(self._running.values()))
+
+    def _token_bytes(self, running: Iterable[CachedSession]) -> int:
+        return sum(len(s.ids) for s in running) * self.bytes_per_token
 
     def _fit(self) -> None:
         """Evict idle sessions, least recently used first, until everything fits (lock held)."""
         while self._idle and self._idle_bytes + self.running_bytes() > self.budget_bytes:
-            self._remove(next(iter(self._idle)))
+            self._evict(next(iter(self._idle)))
+
+    def _evict(self, key: str) -> None:
+        found = self._remove(key)
+        if found is not None:
+            self._release(found.cache)
             self.evictions += 1
 
     def _remove(self, key: str) -> CachedSession | None:

@@ -36,11 +36,17 @@ reachable), or a `.gguf` file, converted once (`cloud.engine.weights`).
 """
 
 from cloud.decoding import IncrementalDetokenizer, find_stop
-from cloud.engine.sampling import sample
+from cloud.engine.sampling import sample, sample_rows
+from cloud.engine.paged import PagedEngine
 from cloud.engine.steps import TransformersEngine
 from cloud.engine.weights import convert_gguf, default_cache_dir, gguf_digest, pick_device
 
+# --engine NAME -> the engine class (same constructor and load() for both)
+ENGINES: dict[str, type[TransformersEngine]] = {"rows": TransformersEngine, "paged": PagedEngine}
+
 __all__ = [
+    "ENGINES",
+    "PagedEngine",
     "IncrementalDetokenizer",
     "TransformersEngine",
     "convert_gguf",
@@ -49,4 +55,5 @@ __all__ = [
     "gguf_digest",
     "pick_device",
     "sample",
+    "sample_rows",
 ]

@@ -50,6 +50,25 @@ def kv_bytes_per_token(cfg: Any, dtype: torch.dtype) -> int:
     return layers * 2 * kv_heads * head_dim * dtype.itemsize
 
 
+def model_shape(cfg: Any, dtype: torch.dtype) -> memory.ModelShape:
+    """What the memory plan needs of a model config."""
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
+    return memory.ModelShape(
+        bytes_per_token=kv_bytes_per_token(cfg, dtype),
+        hidden_size=int(getattr(cfg, "hidden_size", 0) or 0),
+        intermediate_size=int(getattr(cfg, "intermediate_size", 0) or 0),
+        vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
+        attention_heads=heads,
+        dtype_bytes=dtype.itemsize,
+    )
+
+
+def weights_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def free_bytes(device: torch.device) -> int:
     """Free memory for KV on `device`, measured now (after the weights are loaded)."""
     if device.type == "cuda":

@@ -25,9 +25,10 @@ from cloud.engine.kv import (
     common_prefix,
     crop,
     free_bytes,
-    kv_bytes_per_token,
+    model_shape,
+    weights_bytes,
 )
-from cloud.engine.sampling import sample
+from cloud.engine.sampling import fresh_seed, sample_rows
 from cloud.engine.weights import load_weights
 from cloud.engine_api import (
     CacheStats,
@@ -59,6 +60,8 @@ _MIN_CHUNK = 16
 class TransformersEngine:
     """`cloud.engine_api.StepEngine` on torch + transformers. Build it with `load()`."""
 
+    kind = "rows"  # --engine name
+
     def __init__(
         self,
         model: Any,
@@ -89,30 +92,33 @@ class TransformersEngine:
         self._batch = DecodeBatch(cache_of)  # the decoding runs
         self._rows = DecodeBatch(cache_of)  # runs prefilled together, for one step
 
-        cfg = (
+        self.config = (
             model.config.get_text_config()
             if hasattr(model.config, "get_text_config")
             else model.config
         )
-        model_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
-        self.context_length = min(context_length, model_ctx) if context_length else model_ctx
+        model_ctx = int(getattr(self.config, "max_position_embeddings", 0) or 0) or 2048
+        context = min(context_length, model_ctx) if context_length else model_ctx
+        shape = model_shape(self.config, model.dtype)
         self.memory = memory.plan(
             device=device.type,
             free_bytes=free_bytes(device),
-            bytes_per_token=kv_bytes_per_token(cfg, model.dtype),
-            context_length=self.context_length,
+            bytes_per_token=shape.bytes_per_token,
+            context_length=context,
             budget_bytes=max_cache_bytes,
             max_running=max_running,
+            weights_bytes=weights_bytes(model),
+            reserve_bytes=memory.step_reserve_bytes(
+                shape,
+                prefill_chunk=self.prefill_chunk,
+                max_rows=max_running or memory.MAX_RUNNING_CAP,
+                context_length=context,
+                device=device.type,
+            ),
+            slot_tokens=self._slot_tokens(context),
         )
-        self.caches = SessionCaches(
-            budget_bytes=self.memory.budget_bytes,
-            ttl_s=session_ttl_s,
-            new_cache=DynamicCache,
-            nbytes=cache_bytes,
-            crop=crop,
-            bytes_per_token=self.memory.bytes_per_token,
-            clock=clock,
-        )
+        self.context_length = self.memory.context_length
+        self.caches = self._session_caches(session_ttl_s, clock)
         template = getattr(tokenizer, "chat_template", None)
         self.info = EngineInfo(
             model_id=model_id,
@@ -122,10 +128,38 @@ class TransformersEngine:
             dtype=str(model.dtype).removeprefix("torch."),
             chat_template=bool(template),
             max_running=self.memory.max_running,
+            engine=self.kind,
         )
         self._eos = self._eos_ids()
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ---- what the row engine keeps per session (the paged engine keeps slots) ----------
+
+    def _slot_tokens(self, context: int) -> int:
+        """Tokens per preallocated slot (0: none; sessions hold caches that grow)."""
+        return 0
+
+    def _session_caches(self, ttl_s: float, clock: Callable[[], float]) -> SessionCaches:
+        return SessionCaches(
+            budget_bytes=self.memory.budget_bytes,
+            ttl_s=ttl_s,
+            new_cache=DynamicCache,
+            nbytes=cache_bytes,
+            crop=crop,
+            bytes_per_token=self.memory.bytes_per_token,
+            clock=clock,
+            running_bytes=self._running_bytes,
+        )
+
+    def _running_bytes(self, running: Sequence[CachedSession]) -> int:
+        """What running sessions really hold: their own caches, and the decode batch (left-
+        padded to its longest row) twice, since a join builds the new batch beside the old."""
+        held = {id(s.cache): cache_bytes(s.cache) for s in running}
+        batch = self._batch.cache
+        if batch is not None and id(batch) not in held:
+            held[id(batch)] = cache_bytes(batch)
+        return sum(held.values()) + (cache_bytes(batch) if batch is not None else 0)
 
     @classmethod
     def load(
@@ -260,10 +294,8 @@ class TransformersEngine:
             eos=self._eos,
             room=self.context_length - len(prompt),
         )
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
-        return StepRun(session, prompt, should_stop, writer, sampling, generator)
+        seed = sampling.seed if sampling.seed is not None else fresh_seed()
+        return StepRun(session, prompt, should_stop, writer, sampling, seed)
 
     def plan_prefill(
         self,
@@ -274,7 +306,7 @@ class TransformersEngine:
     ) -> StepRun:
         prompt = self.tokenize(messages, assistant_text)
         self._check_fits(prompt)
-        return StepRun(session, prompt, should_stop, None, Sampling(), None)
+        return StepRun(session, prompt, should_stop, None, Sampling(), 0)
 
     # ---- the phases (the engine thread) -----------------------------------------------
 
@@ -306,12 +338,17 @@ class TransformersEngine:
             else:
                 logits = self._forward_rows(group, width)
             self._measure_prefill(len(group) * width, time.perf_counter() - started)
-            for run, row in zip(group, logits, strict=True):
-                if run.prefilling:
-                    continue
-                run.t1 = time.perf_counter()
-                if run.writer is not None and run.writer.wants_token():
-                    self._advance(run, self._pick(run, row))
+            ready = [i for i, run in enumerate(group) if not run.prefilling]
+            for i in ready:
+                group[i].t1 = time.perf_counter()
+            wanting = [
+                i for i in ready if group[i].writer is not None and group[i].writer.wants_token()
+            ]
+            if wanting:
+                rows = torch.stack([logits[i] for i in wanting])
+                tokens = self._pick_rows([group[i] for i in wanting], rows)
+                for i, token in zip(wanting, tokens, strict=True):
+                    self._advance(group[i], token)
 
     def decode_step(self, runs: Sequence[Run]) -> None:
         """One token for every run: their pending tokens through the model as one batch."""
@@ -348,16 +385,15 @@ class TransformersEngine:
         run.pending = token
         run.writer.wants_token()
 
-    def _pick(self, run: StepRun, logits: torch.Tensor) -> int:
-        return sample(logits, run.sampling, run.generator)
-
     def _pick_rows(self, runs: Sequence[StepRun], logits: torch.Tensor) -> list[int]:
-        """One token per row; greedy rows in one argmax (one device sync for all)."""
-        greedy = logits.argmax(dim=-1).tolist()
-        return [
-            greedy[i] if r.sampling.temperature <= 0 else self._pick(r, logits[i])
-            for i, r in enumerate(runs)
-        ]
+        """One token per row of [rows, vocab] logits, sampled together on their device
+        (`cloud.engine.sampling`); one host sync for all."""
+        tokens = sample_rows(
+            logits, [r.sampling for r in runs], [r.seed for r in runs], [r.draws for r in runs]
+        )
+        for r in runs:
+            r.draws += 1
+        return [int(t) for t in tokens.tolist()]
 
     def _forward(self, s: CachedSession, ids: Sequence[int]) -> torch.Tensor:
         """Run `ids` after the session's cached tokens; returns the last position's logits."""

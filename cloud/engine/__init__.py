@@ -36,8 +36,8 @@ reachable), or a `.gguf` file, converted once (`cloud.engine.weights`).
 """
 
 from cloud.decoding import IncrementalDetokenizer, find_stop
-from cloud.engine.sampling import sample, sample_rows
 from cloud.engine.paged import PagedEngine
+from cloud.engine.sampling import sample, sample_rows
 from cloud.engine.steps import TransformersEngine
 from cloud.engine.weights import convert_gguf, default_cache_dir, gguf_digest, pick_device
 
@@ -46,8 +46,8 @@ ENGINES: dict[str, type[TransformersEngine]] = {"rows": TransformersEngine, "pag
 
 __all__ = [
     "ENGINES",
-    "PagedEngine",
     "IncrementalDetokenizer",
+    "PagedEngine",
     "TransformersEngine",
     "convert_gguf",
     "default_cache_dir",

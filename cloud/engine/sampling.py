@@ -58,7 +58,7 @@ def sample_rows(
 
     Row r uses `settings[r]` (temperature 0: greedy; top_k 0: off; top_p 1: off), drawing
     with seed `seeds[r]` for the `draws[r]`-th time."""
-    rows, vocab = logits.shape
+    _, vocab = logits.shape
     device = logits.device
     logits = logits.float()
     greedy = logits.argmax(dim=-1)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
 from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
 
@@ -134,9 +134,13 @@ class Weights:
     converted_from: Path | None  # the GGUF file, when loaded_from is its conversion
 
 
-def load_weights(model: str, device: str, dtype: str, cache_dir: Path | None) -> Weights:
+def load_weights(
+    model: str, device: str, dtype: str, cache_dir: Path | None, *, tp_plan: str | None = None
+) -> Weights:
     """Load `model` onto `device` in `dtype` (auto, bfloat16, float16 or float32, see
-    `cloud.dtypes.resolve_dtype`), in eval mode.
+    `cloud.dtypes.resolve_dtype`), in eval mode. With `tp_plan` ("auto": the model's own
+    plan), this process loads its shard of a tensor-parallel model: it runs under torchrun,
+    one process per device (`cloud.tensor_parallel`).
 
     Raises ValueError with a one-line message for an unknown path, a file that is not a
     model, an unreachable hub id, an unavailable device or an unknown dtype.
@@ -145,10 +149,16 @@ def load_weights(model: str, device: str, dtype: str, cache_dir: Path | None) ->
     dtype_ = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source, converted, model_obj, tokenizer = resolve(model, cache_dir)
+    sharded: dict[str, Any] = {}
+    if tp_plan:  # a fresh GGUF conversion is whole: read the folder again, sharded
+        model_obj = None
+        sharded["distributed_config"] = DistributedConfig(tp_plan=tp_plan)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if model_obj is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_)
+            model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_, **sharded)
         except OSError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(
@@ -157,7 +167,7 @@ def load_weights(model: str, device: str, dtype: str, cache_dir: Path | None) ->
     else:
         model_obj = model_obj.to(dtype_)
     return Weights(
-        model=model_obj.to(dev).eval(),
+        model=(model_obj if tp_plan else model_obj.to(dev)).eval(),
         tokenizer=tokenizer,
         device=dev,
         loaded_from=source,

@@ -90,6 +90,32 @@ def serve(
     session_ttl_s: Annotated[
         float, typer.Option(metavar="SECONDS", help="Idle session lifetime.")
     ] = 600.0,
+    engine_stall_s: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="Liveness fails when one engine step runs longer than this, or steps keep "
+            "failing this long (the kubelet restarts the pod).",
+            min=1.0,
+        ),
+    ] = 60.0,
+    max_connection_age_s: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="Close each client connection after this age (+-10%) so clients reconnect "
+            "and reach new replicas (0: never).",
+            min=0.0,
+        ),
+    ] = 300.0,
+    max_connection_age_grace_s: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="Calls in flight on a connection closed for its age get this long to finish.",
+            min=0.0,
+        ),
+    ] = 60.0,
     reflection: Annotated[bool, typer.Option(help="Serve gRPC server reflection.")] = True,
     log_prompts: Annotated[bool, typer.Option(help="Log prompt text.")] = False,
     cache_dir: Annotated[
@@ -144,6 +170,9 @@ def serve(
         max_waiting=max_waiting,
         log_prompts=log_prompts,
         session_ttl_s=session_ttl_s,
+        engine_stall_s=engine_stall_s,
+        max_connection_age_s=max_connection_age_s,
+        max_connection_age_grace_s=max_connection_age_grace_s,
     )
     try:
         server = CloudServer(None, options)  # binds the port now: fails in a second
@@ -158,9 +187,18 @@ def serve(
         server, model, device, dtype, cache_dir, max_cache_bytes, session_ttl_s, max_running
     )
     typer.echo(f"specthink-cloud: {engine.memory.describe()}", err=True)
+    from cloud import faults
     from cloud.engine_thread import EngineThread
 
-    engine_loop = EngineThread(engine)  # all model work on one thread: one warm torch pool
+    try:
+        stepped = faults.from_env(engine)  # tests only: SPECTHINK_FAULT_INJECT (unset: engine)
+    except ValueError as exc:
+        server.stop_now()
+        _fail(str(exc))
+    if stepped is not engine:
+        typer.echo(f"specthink-cloud: FAULT INJECTION ACTIVE ({faults.ENV}): tests only", err=True)
+    # all model work on one thread (one warm torch pool); it reports each step to health
+    engine_loop = EngineThread(stepped, health=server.engine_health)
     server.attach(engine_loop)
     server.start(warm_up=lambda: _warm_up(engine_loop))
     if server.admission.closed:  # SIGTERM during the warm-up: draining, never served

@@ -40,6 +40,7 @@ from cloud.engine_api import (
     ShouldStop,
     StepEngine,
 )
+from cloud.health import EngineHealth
 from shared.wire import Message, Sampling, TextChunk
 
 _END = object()
@@ -66,8 +67,15 @@ class _Call:
 class EngineThread:
     """A `StepEngine` behind one thread that decodes up to `max_running` calls together."""
 
-    def __init__(self, engine: StepEngine, max_running: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: StepEngine,
+        max_running: int | None = None,
+        *,
+        health: EngineHealth | None = None,
+    ) -> None:
         self.engine = engine
+        self.health = health or EngineHealth()  # a heartbeat per step, and each step error
         self.max_running = max(1, max_running or engine.info.max_running)
         self.info = dataclasses.replace(engine.info, max_running=self.max_running)
         self.steps = 0  # decode steps run
@@ -95,13 +103,16 @@ class EngineThread:
     def _loop(self) -> None:
         while not self._closed:
             self._take_arrivals(block=not (self._waiting or self._running))
+            self.health.step_began()
             try:
                 self._step()
             except BaseException as exc:  # a bug in the loop itself: fail everyone, go on
+                self.health.step_failed(exc)
                 for call in [*self._running, *self._waiting]:
                     call.end(exc)
                 self._running.clear()
                 self._waiting.clear()
+            self.health.step_ended()
         for call in [*self._running, *self._waiting]:
             call.end(EngineCancelled("engine closed"))
 
@@ -134,6 +145,7 @@ class EngineThread:
             try:
                 self.engine.start(call.run)
             except Exception as exc:
+                self.health.step_failed(exc)
                 self._finish([call], exc)
                 continue
             self._running.append(call)
@@ -147,6 +159,7 @@ class EngineThread:
                 self.engine.prefill_step([c.run for c in filling], sharing=bool(decoding))
                 self.prefill_chunks += 1
             except Exception as exc:
+                self.health.step_failed(exc)
                 self._finish(filling, exc)
             else:
                 for call in filling:
@@ -157,6 +170,7 @@ class EngineThread:
             try:
                 self.engine.decode_step([c.run for c in decoding])
             except Exception as exc:
+                self.health.step_failed(exc)
                 self._finish(decoding, exc)
             else:
                 self.decode_s += time.perf_counter() - started
@@ -178,6 +192,7 @@ class EngineThread:
         try:
             self.engine.finish(runs)
         except Exception as exc:  # nothing more to save: the callers learn of it
+            self.health.step_failed(exc)
             error = error or exc
         for call in calls:
             if call in self._running:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cloud.health import REASONS, Pulse, Verdict
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 
@@ -95,6 +97,51 @@ class Metrics:
         self.errors = prom.Counter(
             "specthink:request_errors", "Requests that failed.", ["code"], registry=r
         )
+        # ---- load, for the autoscaler: rises with the batch, before anything waits
+        self.batch_usage = prom.Gauge(
+            "specthink:batch_usage_perc",
+            "Running requests / max_running: how full the decode batch is (1 = full).",
+            registry=r,
+        )
+        self.batch_demand = prom.Gauge(
+            "specthink:batch_demand_perc",
+            "(Running + waiting requests) / max_running: the autoscaler's signal "
+            "(above 1: requests queue).",
+            registry=r,
+        )
+        # ---- engine health (cloud.health): what the health probes say, and why
+        self.health_status = prom.Gauge(
+            "specthink:health_status",
+            "1 when the probe's health service answers SERVING, else 0.",
+            ["probe"],
+            registry=r,
+        )
+        self.health_reason = prom.Gauge(
+            "specthink:health_reason",
+            "1 for the reason behind the current health verdict, 0 for the others.",
+            ["reason"],
+            registry=r,
+        )
+        self.engine_step_errors = prom.Counter(
+            "specthink:engine_step_errors",
+            "Engine steps that raised, by error class.",
+            ["error"],
+            registry=r,
+        )
+        self.engine_error_streak = prom.Gauge(
+            "specthink:engine_consecutive_step_errors",
+            "Engine steps in a row that failed (0 after one that did not).",
+            registry=r,
+        )
+        self.engine_step_running = prom.Gauge(
+            "specthink:engine_step_running_seconds",
+            "How long the engine step now running has run (0 between steps).",
+            registry=r,
+        )
+        self.engine_steps = prom.Gauge(
+            "specthink:engine_steps", "Engine steps ended (the heartbeat).", registry=r
+        )
+        self._levels = {"running": 0.0, "waiting": 0.0}
 
     def watch_engine(self, engine: Any) -> None:
         """Record the engine's batch-size limit, and the batch size of every decode step
@@ -103,6 +150,8 @@ class Metrics:
             return
         info = getattr(engine, "info", None)
         self.max_running.set(getattr(info, "max_running", 1))
+        self._levels["max_running"] = float(getattr(info, "max_running", 1))
+        self._load()
         add_observer = getattr(engine, "add_step_observer", None)
         if add_observer is not None:
             add_observer(self.batch_size.observe)
@@ -127,3 +176,25 @@ class Metrics:
     def set(self, name: str, value: float) -> None:
         if self.enabled:
             getattr(self, name).set(value)
+            if name in self._levels:
+                self._levels[name] = value
+                self._load()
+
+    def _load(self) -> None:
+        limit = max(1.0, self._levels.get("max_running", 1.0))
+        running, waiting = self._levels["running"], self._levels["waiting"]
+        self.batch_usage.set(running / limit)
+        self.batch_demand.set((running + waiting) / limit)
+
+    def health(self, verdict: Verdict, pulse: Pulse, now: float) -> None:
+        """Publish a health verdict and the engine pulse behind it."""
+        if not self.enabled:
+            return
+        self.health_status.labels(probe="readiness").set(float(verdict.ready))
+        self.health_status.labels(probe="liveness").set(float(verdict.live))
+        for reason in REASONS:
+            self.health_reason.labels(reason=reason).set(float(reason == verdict.reason))
+        self.engine_error_streak.set(pulse.streak)
+        running = now - pulse.step_since if pulse.step_since is not None else 0.0
+        self.engine_step_running.set(max(0.0, running))
+        self.engine_steps.set(pulse.steps)

@@ -6,6 +6,21 @@ not after minutes of loading) -> listen with health NOT_SERVING (calls get UNAVA
 while no engine is attached) -> attach the loaded engine -> warm-up -> SERVING (the
 address is printed) -> SIGTERM -> NOT_SERVING, admit nothing new, let in-flight
 takeovers finish within the grace period, end the rest with UNAVAILABLE, exit 0.
+
+Health (grpc.health.v1) answers for three service names, from one verdict
+(`cloud.health.judge`) that a monitor thread recomputes every `health_tick_s`:
+
+  ""  and  "specthink.v1.SpecThink"   readiness: SERVING once warm, while the engine's
+                                      steps succeed, and not while draining
+  "liveness"                          liveness: NOT_SERVING only when the engine is stuck
+                                      (a step ran past --engine-stall-s), broken for good
+                                      (a sticky CUDA error) or failing for that long
+
+After a step error, while no traffic arrives, a canary (the warm-up: 2 tokens) tests the
+engine every `canary_every_s`, so a broken engine leaves the endpoints within two steps
+and a healed one comes back without traffic. With `max_connection_age_s`, every client
+connection is closed (GOAWAY, in-flight calls get `max_connection_age_grace_s` to finish)
+after that age, so clients reconnect and reach replicas added since.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from cloud.admission import Admission, AdmissionLimits
 from cloud.auth import ApiKeys
 from cloud.engine_api import Engine
+from cloud.health import DRAINING, IN_SERVICE, LOADING, EngineHealth, HealthLimits, Verdict, judge
 from cloud.metrics import Metrics
 from cloud.servicer import Malformed, SpecThinkServicer
 from cloud.sessions import SessionStore
@@ -36,6 +52,10 @@ from shared.rpc import specthink_pb2 as pb
 
 log = logging.getLogger("specthink.cloud")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecThink"].full_name
+LIVENESS = "liveness"  # the health service name the liveness probe asks for
+READINESS = ("", SERVICE_NAME)  # the whole server, and the SpecThink service
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,12 @@ class ServerOptions:
     max_sessions: int = 4096
     log_prompts: bool = False
     limits: Limits = field(default_factory=Limits)
+    engine_stall_s: float = 60.0  # a step longer than this (or failing that long): not live
+    error_streak: int = 2  # failed steps in a row before readiness says NOT_SERVING
+    canary_every_s: float = 2.0  # after a step error, test the idle engine this often
+    health_tick_s: float = 0.2
+    max_connection_age_s: float = 0.0  # 0: connections live for ever
+    max_connection_age_grace_s: float = 60.0
 
 
 def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
@@ -116,6 +142,17 @@ def _add_servicer(servicer: SpecThinkServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
 
+def _connection_age(options: ServerOptions) -> list[tuple[str, int]]:
+    """gRPC server options that close each connection after `max_connection_age_s` (gRPC
+    adds +-10% jitter, so a fleet of edges does not reconnect at once)."""
+    if options.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(options.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(options.max_connection_age_grace_s * 1000)),
+    ]
+
+
 class CloudServer:
     """Binds its port at construction (OSError with one line when it cannot). `engine`
     may come later, through `attach`, once the model has loaded."""
@@ -143,12 +180,22 @@ class CloudServer:
             log_prompts=options.log_prompts,
         )
         self.health = health.HealthServicer()
+        self.engine_health = EngineHealth(on_error=self._engine_error)
+        self.health_limits = HealthLimits(options.engine_stall_s, options.error_streak)
+        self.verdict = Verdict(False, True, LOADING)
+        self._phase = LOADING
+        self._health_lock = threading.Lock()
+        self._canary: Callable[[], None] | None = None
+        self._canary_running = threading.Event()
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_workers),
             options=[
                 ("grpc.max_receive_message_length", options.limits.max_message_bytes),
                 ("grpc.max_send_message_length", options.limits.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *_connection_age(options),
             ],
         )
         _add_servicer(self.servicer, self.server)
@@ -156,7 +203,7 @@ class CloudServer:
         if options.reflection:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._publish(self.verdict, force=True)
         address = f"{options.host}:{options.port}"
         credentials = _credentials(options)
         try:
@@ -194,9 +241,88 @@ class CloudServer:
         self.engine = engine
         self.servicer.engine = engine
 
-    def _set_health(self, status: int) -> None:
-        self.health.set("", status)  # type: ignore[arg-type]
-        self.health.set(SERVICE_NAME, status)  # type: ignore[arg-type]
+    # ---- health ---------------------------------------------------------------------
+
+    def _publish(self, verdict: Verdict, force: bool = False) -> None:
+        """Set the health statuses (and metrics) to `verdict`; log a change."""
+        before, self.verdict = self.verdict, verdict
+        changed = (before.ready, before.live, before.reason) != (
+            verdict.ready,
+            verdict.live,
+            verdict.reason,
+        )
+        if changed or force:
+            for name in READINESS:
+                self.health.set(name, _SERVING if verdict.ready else _NOT_SERVING)  # type: ignore[arg-type]
+            self.health.set(LIVENESS, _SERVING if verdict.live else _NOT_SERVING)  # type: ignore[arg-type]
+        if changed:
+            log.info(
+                json.dumps(
+                    {
+                        "event": "health",
+                        "ready": verdict.ready,
+                        "live": verdict.live,
+                        "reason": verdict.reason,
+                        "detail": verdict.detail,
+                        "was": before.reason,
+                    }
+                )
+            )
+        self.metrics.health(verdict, self.engine_health.pulse(), self.engine_health.now())
+
+    def check_health(self) -> Verdict:
+        """Judge the engine now and publish the verdict (the monitor calls this)."""
+        with self._health_lock:
+            pulse = self.engine_health.pulse()
+            now = self.engine_health.now()
+            verdict = judge(pulse, now, self.health_limits, self._phase)
+            self._publish(verdict)
+        ended = pulse.ended_at if pulse.ended_at is not None else now
+        if (
+            pulse.streak
+            and pulse.step_since is None
+            and now - ended >= self.options.canary_every_s
+            and self._phase not in (LOADING, DRAINING)
+        ):
+            self._start_canary()
+        return verdict
+
+    def _monitor_loop(self) -> None:
+        while not self._monitor_stop.wait(self.options.health_tick_s):
+            try:
+                self.check_health()
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("health monitor")
+
+    def _start_canary(self) -> None:
+        canary = self._canary
+        if canary is None or self._canary_running.is_set():
+            return
+        self._canary_running.set()
+
+        def run() -> None:
+            outcome = "ok"
+            try:
+                canary()
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            finally:
+                self._canary_running.clear()
+            log.info(json.dumps({"event": "canary", "outcome": outcome}))
+
+        threading.Thread(target=run, name="health-canary", daemon=True).start()
+
+    def _engine_error(self, error: BaseException) -> None:
+        self.metrics.inc("engine_step_errors", error=type(error).__name__)
+        log.warning(
+            json.dumps(
+                {
+                    "event": "engine_error",
+                    "error": type(error).__name__,
+                    "message": str(error).splitlines()[0][:300] if str(error) else "",
+                }
+            )
+        )
 
     def listen(self) -> None:
         """Start answering: health (NOT_SERVING), reflection, metrics; takeovers get
@@ -205,6 +331,8 @@ class CloudServer:
             return
         self.server.start()
         self._listening = True
+        self._monitor = threading.Thread(target=self._monitor_loop, name="health", daemon=True)
+        self._monitor.start()
         if self.options.metrics_port is not None:
             self._metrics_http = self.metrics.serve(self.options.metrics_port, self.options.host)
             if self._metrics_http is not None:
@@ -217,8 +345,10 @@ class CloudServer:
         self.listen()
         if warm_up is not None:
             warm_up()
+        self._canary = warm_up  # after a step error, the same tiny generation tests the engine
         if not self.admission.closed:  # a drain during warm-up wins
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            self._phase = IN_SERVICE
+            self.check_health()
         log.info(
             json.dumps(
                 {"event": "serving", "address": self.address, "metrics_port": self.metrics_port}
@@ -245,12 +375,14 @@ class CloudServer:
                     }
                 )
             )
-            self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
+            self._phase = DRAINING  # readiness NOT_SERVING, and it stays so
+            self.check_health()
             self.admission.close()
             if not self.admission.wait_idle(grace):
                 self.servicer.stopping.set()  # remaining streams end with UNAVAILABLE
                 self.admission.wait_idle(5.0)
             self.server.stop(grace=1.0).wait()
+            self._stop_monitor()
             self._stop_metrics()
             log.info(json.dumps({"event": "drained"}))
             self._stopped.set()
@@ -260,8 +392,14 @@ class CloudServer:
         self.servicer.stopping.set()
         self.admission.close()
         self.server.stop(grace=None).wait()
+        self._stop_monitor()
         self._stop_metrics()
         self._stopped.set()
+
+    def _stop_monitor(self) -> None:
+        self._monitor_stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(5)
 
     def _stop_metrics(self) -> None:
         if self._metrics_http is not None:

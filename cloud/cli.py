@@ -87,6 +87,15 @@ def serve(
             min=0,
         ),
     ] = 0,
+    tensor_parallel: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Shard the model over N devices, one process each, launched with torchrun "
+            "(docs/tensor-parallel.md).",
+            min=1,
+        ),
+    ] = 1,
     session_ttl_s: Annotated[
         float, typer.Option(metavar="SECONDS", help="Idle session lifetime.")
     ] = 600.0,
@@ -132,7 +141,16 @@ def serve(
     Flags, key and TLS files are checked and the port is bound before the model loads;
     health answers NOT_SERVING until it is loaded and warm. The address is printed on
     stdout once it serves."""
+    import os
+
     from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
+    from cloud.tensor_parallel import launch_problem, rank_of
+
+    if problem := launch_problem(tensor_parallel, dict(os.environ)):
+        _fail(problem)
+    if tensor_parallel > 1 and rank_of(dict(os.environ)) > 0:  # serves nothing: follows rank 0
+        _follow(model, device, dtype.strip().lower(), cache_dir, max_cache_bytes, session_ttl_s)
+        return
     from cloud.preflight import ServeChecks, serve_problems
 
     problems = serve_problems(
@@ -184,7 +202,15 @@ def serve(
         server.stop_now()
         _fail(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}")
     engine = _load(
-        server, model, device, dtype, cache_dir, max_cache_bytes, session_ttl_s, max_running
+        server,
+        model,
+        device,
+        dtype,
+        cache_dir,
+        max_cache_bytes,
+        session_ttl_s,
+        max_running,
+        tensor_parallel,
     )
     typer.echo(f"specthink-cloud: {engine.memory.describe()}", err=True)
     from cloud import faults
@@ -203,6 +229,7 @@ def serve(
     server.start(warm_up=lambda: _warm_up(engine_loop))
     if server.admission.closed:  # SIGTERM during the warm-up: draining, never served
         server.wait()
+        _close_ranks(engine)
         typer.echo("specthink-cloud: drained, bye", err=True)
         return
     info = engine.info
@@ -215,6 +242,7 @@ def serve(
     scheme = "grpcs" if tls_cert else "grpc"
     print(f"specthink-cloud listening on {scheme}://{server.address}", flush=True)
     server.wait()
+    _close_ranks(engine)
     typer.echo("specthink-cloud: drained, bye", err=True)
 
 
@@ -231,6 +259,7 @@ def _load(
     max_cache_bytes: int,
     session_ttl_s: float,
     max_running: int = 0,
+    tensor_parallel: int = 1,
 ) -> Any:
     """Load the engine while the server already answers health (NOT_SERVING). A signal
     meanwhile stops the process with 0; a load error is one line and exit 2. Returns with
@@ -251,6 +280,17 @@ def _load(
             )
         typer.echo(f"specthink-cloud: loading {model} ...", err=True)
         try:
+            if tensor_parallel > 1:
+                return _load_sharded(
+                    TransformersEngine,
+                    model,
+                    device,
+                    dtype,
+                    cache_dir,
+                    max_cache_bytes,
+                    session_ttl_s,
+                    max_running,
+                )
             return TransformersEngine.load(
                 model,
                 device=device,
@@ -269,6 +309,85 @@ def _load(
         raise typer.Exit(0) from None
     finally:
         server.install_signal_handlers()
+
+
+def _load_sharded(
+    cls: Any,
+    model: str,
+    device: str,
+    dtype: str,
+    cache_dir: Path | None,
+    max_cache_bytes: int,
+    session_ttl_s: float,
+    max_running: int,
+) -> Any:
+    """Rank 0 of --tensor-parallel: its shard, behind the engine that replays every call on
+    the other ranks (`cloud.tensor_parallel`)."""
+    from cloud.engine.tensor_parallel import load_sharded
+    from cloud.tensor_parallel import ReplicatedStepEngine
+
+    engine, channel, clock = load_sharded(
+        cls,
+        model,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        max_cache_bytes=max_cache_bytes or None,
+        session_ttl_s=session_ttl_s,
+        max_running=max_running or None,
+    )
+    typer.echo(f"specthink-cloud: tensor-parallel over {channel.world_size} ranks", err=True)
+    return ReplicatedStepEngine(engine, channel, clock)
+
+
+def _follow(
+    model: str,
+    device: str,
+    dtype: str,
+    cache_dir: Path | None,
+    max_cache_bytes: int,
+    session_ttl_s: float,
+) -> None:
+    """Ranks > 0 of --tensor-parallel: load this rank's shard, then run rank 0's engine calls
+    until it closes (SIGTERM is rank 0's to handle: it drains, then closes)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        from cloud.engine import TransformersEngine
+        from cloud.engine.tensor_parallel import load_sharded
+    except ImportError as exc:
+        _fail(f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'")
+    from cloud.tensor_parallel import follow
+
+    try:
+        engine, channel, clock = load_sharded(
+            TransformersEngine,
+            model,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            max_cache_bytes=max_cache_bytes or None,
+            session_ttl_s=session_ttl_s,
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    calls = follow(engine, channel, clock)
+    summary = ", ".join(f"{op} {n}" for op, n in sorted(calls.items()))
+    typer.echo(
+        f"specthink-cloud: rank {channel.rank}: rank 0 closed; calls run: {summary}", err=True
+    )
+    channel.close()
+
+
+def _close_ranks(engine: Any) -> None:
+    """--tensor-parallel: the other ranks leave once rank 0 has drained."""
+    from cloud.tensor_parallel import ReplicatedStepEngine
+
+    if isinstance(engine, ReplicatedStepEngine):
+        calls = ", ".join(f"{op} {n}" for op, n in sorted(engine.calls.items()))
+        engine.close()
+        typer.echo(f"specthink-cloud: rank 0: calls sent: {calls}", err=True)
 
 
 def _warm_up(engine: object) -> None:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
@@ -135,7 +135,12 @@ class Weights:
 
 
 def load_weights(
-    model: str, device: str, dtype: str, cache_dir: Path | None, *, tp_plan: str | None = None
+    model: str,
+    device: str,
+    dtype: str,
+    cache_dir: Path | None,
+    *,
+    tp_plan: Literal["auto"] | None = None,
 ) -> Weights:
     """Load `model` onto `device` in `dtype` (auto, bfloat16, float16 or float32, see
     `cloud.dtypes.resolve_dtype`), in eval mode. With `tp_plan` ("auto": the model's own

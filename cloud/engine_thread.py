@@ -194,6 +194,8 @@ class EngineThread:
         except Exception as exc:  # nothing more to save: the callers learn of it
             self.health.step_failed(exc)
             error = error or exc
+        if error is None:
+            self.health.calls_finished(len(calls))  # the engine works: the error streak ends
         for call in calls:
             if call in self._running:
                 self._running.remove(call)

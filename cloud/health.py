@@ -2,21 +2,25 @@
 
 The engine loop (`cloud.engine_thread.EngineThread`) reports every step to an
 `EngineHealth`: `step_began`, `step_failed` (any error inside the step, with its class
-and message), `step_ended`. `judge` turns that pulse, the server's phase and the limits
-into one `Verdict` per moment: what readiness and liveness say, and why.
+and message), `step_ended`, and `calls_finished` when calls end with their result. The
+error streak counts failed steps since a call last finished: an engine whose prefill
+works and whose decode always fails finishes nothing, so its streak grows call by call.
+`judge` turns that pulse, the server's phase and the limits into one `Verdict` per
+moment: what readiness and liveness say, and why.
 
   reason        readiness  liveness  when
   loading       no         yes       the model loads or warms up (the startup probe waits)
   draining      no         yes       SIGTERM: in-flight takeovers finish, nothing new comes
-  ok            yes        yes       the last step succeeded (or no step failed yet)
-  step_errors   no         yes       `error_streak` steps in a row failed: take the pod out
-                                     of the endpoints; a canary (see cloud.server) tests
-                                     it while idle and brings it back when one succeeds
+  ok            yes        yes       fewer than `error_streak` failed steps since a call
+                                     last finished
+  step_errors   no         yes       `error_streak` steps failed and no call finished since:
+                                     out of the endpoints; a canary (see cloud.server)
+                                     tests the idle engine and brings it back when it works
   sticky_error  no         no        a step failed with an error after which the device
                                      never works again (an illegal memory access, a
                                      device-side assert: the CUDA context is lost): restart
-  failing       no         no        steps have failed with none succeeding for longer than
-                                     `stall_s`: whatever it is, it does not heal: restart
+  failing       no         no        steps have failed with no call finishing for longer
+                                     than `stall_s`: whatever it is, it does not heal: restart
   stalled       no         no        one step has run for longer than `stall_s` (a hung
                                      kernel, a deadlock): restart
 
@@ -74,8 +78,8 @@ class Pulse:
     steps: int = 0  # steps ended (failed or not)
     ended_at: float | None = None  # when the last step ended
     step_since: float | None = None  # when the step now running began; None between steps
-    last_ok: float | None = None  # when the last step without an error ended
-    streak: int = 0  # steps in a row that failed (0 after a step that did not)
+    last_ok: float | None = None  # when a call last finished with its result
+    streak: int = 0  # steps that failed since a call last finished
     streak_since: float | None = None  # when the first of those failed
     last_error: str = ""  # "Class: message" of the last step error
     sticky: bool = False  # the last failed step's error was a sticky device error
@@ -143,13 +147,7 @@ class EngineHealth:
             p, error = self._pulse, self._failed_now
             if error is None:
                 self._pulse = dataclasses.replace(
-                    p,
-                    steps=p.steps + 1,
-                    ended_at=now,
-                    step_since=None,
-                    last_ok=now,
-                    streak=0,
-                    streak_since=None,
+                    p, steps=p.steps + 1, ended_at=now, step_since=None
                 )
                 return
             self._pulse = dataclasses.replace(
@@ -161,6 +159,16 @@ class EngineHealth:
                 streak_since=p.streak_since if p.streak else p.step_since,
                 last_error=f"{type(error).__name__}: {error}".splitlines()[0][:300],
                 sticky=is_sticky(error),
+            )
+
+    def calls_finished(self, n: int = 1) -> None:
+        """Calls ended with their result: the engine works, whatever failed before."""
+        if n <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            self._pulse = dataclasses.replace(
+                self._pulse, last_ok=now, streak=0, streak_since=None, sticky=False
             )
 
     def pulse(self) -> Pulse:

@@ -87,6 +87,25 @@ def serve(
             min=0,
         ),
     ] = 0,
+    engine_kind: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            metavar="ENGINE",
+            help="auto, rows or paged. rows: per-session caches batched as padded rows "
+            "(measured best on CPU); paged: a preallocated KV pool read in place, one forward "
+            "per step (the GPU path); auto picks by device (docs/batching.md).",
+        ),
+    ] = "auto",
+    context_length: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Tokens one session may hold (0: the model's, capped to what memory holds; "
+            "the paged engine reserves this much per session).",
+            min=0,
+        ),
+    ] = 0,
     tensor_parallel: Annotated[
         int,
         typer.Option(
@@ -149,7 +168,16 @@ def serve(
     if problem := launch_problem(tensor_parallel, dict(os.environ)):
         _fail(problem)
     if tensor_parallel > 1 and rank_of(dict(os.environ)) > 0:  # serves nothing: follows rank 0
-        _follow(model, device, dtype.strip().lower(), cache_dir, max_cache_bytes, session_ttl_s)
+        _follow(
+            model,
+            device,
+            dtype.strip().lower(),
+            cache_dir,
+            max_cache_bytes,
+            session_ttl_s,
+            engine_kind,
+            context_length,
+        )
         return
     from cloud.preflight import ServeChecks, serve_problems
 
@@ -165,6 +193,7 @@ def serve(
             host=host,
             port=port,
             metrics_port=metrics_port,
+            engine=engine_kind,
         )
     )
     for problem in problems:
@@ -211,8 +240,14 @@ def serve(
         session_ttl_s,
         max_running,
         tensor_parallel,
+        engine_kind,
+        context_length,
     )
-    typer.echo(f"specthink-cloud: {engine.memory.describe()}", err=True)
+    typer.echo(
+        f"specthink-cloud: engine {engine.info.engine}; memory plan: {engine.memory.describe()}; "
+        f"peak host RSS while loading {engine.peak_host_bytes / (1 << 30):.2f} GiB",
+        err=True,
+    )
     from cloud import faults
     from cloud.engine_thread import EngineThread
 
@@ -260,6 +295,8 @@ def _load(
     session_ttl_s: float,
     max_running: int = 0,
     tensor_parallel: int = 1,
+    engine_kind: str = "auto",
+    context_length: int = 0,
 ) -> Any:
     """Load the engine while the server already answers health (NOT_SERVING). A signal
     meanwhile stops the process with 0; a load error is one line and exit 2. Returns with
@@ -272,7 +309,7 @@ def _load(
         signal.signal(sig, stop_loading)
     try:
         try:
-            from cloud.engine import TransformersEngine
+            from cloud.engine import engine_class
         except ImportError as exc:
             server.stop_now()
             _fail(
@@ -280,9 +317,10 @@ def _load(
             )
         typer.echo(f"specthink-cloud: loading {model} ...", err=True)
         try:
+            cls = engine_class(engine_kind, device)
             if tensor_parallel > 1:
                 return _load_sharded(
-                    TransformersEngine,
+                    cls,
                     model,
                     device,
                     dtype,
@@ -290,8 +328,9 @@ def _load(
                     max_cache_bytes,
                     session_ttl_s,
                     max_running,
+                    context_length,
                 )
-            return TransformersEngine.load(
+            return cls.load(
                 model,
                 device=device,
                 dtype=dtype,
@@ -299,6 +338,7 @@ def _load(
                 max_cache_bytes=max_cache_bytes or None,
                 session_ttl_s=session_ttl_s,
                 max_running=max_running or None,
+                context_length=context_length or None,
             )
         except (ValueError, OSError) as exc:
             server.stop_now()
@@ -320,6 +360,7 @@ def _load_sharded(
     max_cache_bytes: int,
     session_ttl_s: float,
     max_running: int,
+    context_length: int,
 ) -> Any:
     """Rank 0 of --tensor-parallel: its shard, behind the engine that replays every call on
     the other ranks (`cloud.tensor_parallel`)."""
@@ -335,6 +376,7 @@ def _load_sharded(
         max_cache_bytes=max_cache_bytes or None,
         session_ttl_s=session_ttl_s,
         max_running=max_running or None,
+        context_length=context_length or None,
     )
     typer.echo(f"specthink-cloud: tensor-parallel over {channel.world_size} ranks", err=True)
     return ReplicatedStepEngine(engine, channel, clock)
@@ -347,12 +389,14 @@ def _follow(
     cache_dir: Path | None,
     max_cache_bytes: int,
     session_ttl_s: float,
+    engine_kind: str,
+    context_length: int,
 ) -> None:
     """Ranks > 0 of --tensor-parallel: load this rank's shard, then run rank 0's engine calls
     until it closes (SIGTERM is rank 0's to handle: it drains, then closes)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        from cloud.engine import TransformersEngine
+        from cloud.engine import engine_class
         from cloud.engine.tensor_parallel import load_sharded
     except ImportError as exc:
         _fail(f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'")
@@ -360,13 +404,14 @@ def _follow(
 
     try:
         engine, channel, clock = load_sharded(
-            TransformersEngine,
+            engine_class(engine_kind, device),  # the class rank 0 picks
             model,
             device=device,
             dtype=dtype,
             cache_dir=cache_dir,
             max_cache_bytes=max_cache_bytes or None,
             session_ttl_s=session_ttl_s,
+            context_length=context_length or None,
         )
     except (ValueError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

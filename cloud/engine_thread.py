@@ -15,6 +15,8 @@ One step of the loop, in the order `_step` runs it:
            as the engine's step budget holds): a long prompt delays the running
            decodes by one chunk per step, never by its whole length
   decode   ONE batched forward: a token for every call that is decoding
+  shed     a step that runs out of device memory fails nobody: the newest half of the
+           calls wait (caches and text kept) and rejoin one by one once steps succeed
   deliver  each call's new chunks go to its caller; finished calls check their caches in
 
 With `max_running=1` this is the one-call-at-a-time engine of before.
@@ -34,6 +36,7 @@ from typing import Any
 from cloud.engine_api import (
     CacheStats,
     EngineCancelled,
+    EngineOutOfMemory,
     Generated,
     Prefilled,
     Run,
@@ -44,6 +47,7 @@ from cloud.health import EngineHealth
 from shared.wire import Message, Sampling, TextChunk
 
 _END = object()
+_CALM_STEPS = 32  # decode steps without an out-of-memory before one more call may run
 
 
 @dataclass
@@ -83,6 +87,9 @@ class EngineThread:
         self.decoded_tokens = 0  # tokens written by decode steps (the sum of their batch sizes)
         self.decode_s = 0.0  # time spent in decode steps
         self.prefill_chunks = 0
+        self.sheds = 0  # steps that ran out of memory and made the newest calls wait
+        self._limit = self.max_running  # calls that take part in steps (lower after an OOM)
+        self._calm = 0  # decode steps since the last out-of-memory
         self._observers: list[Callable[[int], None]] = []
         self._arrivals: queue.Queue[_Call | None] = queue.Queue()
         self._waiting: deque[_Call] = deque()
@@ -137,7 +144,7 @@ class EngineThread:
         # admit
         busy = {c.run.session for c in self._running}
         for call in list(self._waiting):
-            if len(self._running) >= self.max_running:
+            if len(self._running) >= min(self.max_running, self._limit):
                 break
             if call.run.session in busy:
                 continue
@@ -152,12 +159,15 @@ class EngineThread:
             busy.add(call.run.session)
         # prefill: one forward, for the oldest calls still prefilling (the engine takes a
         # chunk of the first, and of as many others as its step budget holds)
-        decoding = [c for c in self._running if not c.run.prefilling and not c.run.done]
-        filling = [c for c in self._running if c.run.prefilling]
+        active = self._running[: self._limit]  # after an OOM the newest wait their turn
+        decoding = [c for c in active if not c.run.prefilling and not c.run.done]
+        filling = [c for c in active if c.run.prefilling]
         if filling:
             try:
                 self.engine.prefill_step([c.run for c in filling], sharing=bool(decoding))
                 self.prefill_chunks += 1
+            except EngineOutOfMemory as exc:
+                self._shed(active, filling, exc)
             except Exception as exc:
                 self.health.step_failed(exc)
                 self._finish(filling, exc)
@@ -169,11 +179,16 @@ class EngineThread:
             started = time.perf_counter()
             try:
                 self.engine.decode_step([c.run for c in decoding])
+            except EngineOutOfMemory as exc:
+                self._shed(active, decoding, exc)
             except Exception as exc:
                 self.health.step_failed(exc)
                 self._finish(decoding, exc)
             else:
                 self.decode_s += time.perf_counter() - started
+                self._calm += 1
+                if self._limit < self.max_running and self._calm >= _CALM_STEPS:
+                    self._limit, self._calm = self._limit + 1, 0  # try one more again
                 self.steps += 1
                 self.decoded_tokens += len(decoding)
                 self.batch_sizes[len(decoding)] += 1
@@ -182,6 +197,17 @@ class EngineThread:
                 for call in decoding:
                     call.deliver()
         self._finish([c for c in self._running if c.run.done])
+
+    def _shed(self, active: Sequence[_Call], failed: Sequence[_Call], exc: BaseException) -> None:
+        """A step ran out of memory (the engine left every run as after its last step):
+        the newest half of the active calls wait, keeping their caches and text, until
+        `_CALM_STEPS` steps pass without one; a call that runs out of memory alone fails."""
+        if len(active) > 1:
+            self._limit, self._calm = max(1, len(active) // 2), 0
+            self.sheds += 1
+        else:
+            self.health.step_failed(exc)
+            self._finish(failed, exc)
 
     def _finish(self, calls: Sequence[_Call], error: BaseException | None = None) -> None:
         """Check the calls' caches in (together: a batch gives up its rows once), then end

@@ -35,6 +35,10 @@ class ServeChecks:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    engine: str = "auto"
+
+
+ENGINE_NAMES = ("auto", "rows", "paged")  # `serve --engine` (cloud.engine.ENGINES, and auto)
 
 
 def model_problem(model: str) -> str | None:
@@ -132,6 +136,8 @@ def serve_problems(c: ServeChecks) -> list[str]:
         parse_dtype(c.dtype)
     except ValueError as exc:
         problems.append(f"--dtype: {exc}")
+    if c.engine.strip().lower() not in ENGINE_NAMES:
+        problems.append(f"--engine {c.engine}: unknown engine: use {', '.join(ENGINE_NAMES)}")
     if c.api_key_file is not None:
         try:
             ApiKeys.from_file(c.api_key_file)

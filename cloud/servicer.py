@@ -41,7 +41,13 @@ import grpc
 from cloud import validation
 from cloud.admission import Admission
 from cloud.auth import ANONYMOUS, ApiKeys
-from cloud.engine_api import Engine, EngineCancelled, EngineContextFull, Generated
+from cloud.engine_api import (
+    Engine,
+    EngineCancelled,
+    EngineContextFull,
+    EngineOutOfMemory,
+    Generated,
+)
 from cloud.metrics import Metrics
 from cloud.sessions import SessionStore, engine_key
 from shared import errors
@@ -357,6 +363,8 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
             raise self._why_stopped(context, superseded) from None
         except EngineContextFull:
             return Generated(FINISH_CONTEXT_FULL, Usage(0, 0, 0, tokens), 0.0, 0.0, streamed)
+        except EngineOutOfMemory:  # it ran out of device memory alone: try again later
+            raise errors.Overloaded("the model ran out of device memory", 2.0) from None
         raise errors.InternalError("engine ended without a result")
 
     def _gauge_load(self) -> None:
@@ -462,6 +470,8 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 chat_template=info.chat_template,
                 max_tokens_per_takeover=self.limits.max_tokens_per_takeover,
                 max_text_chars=self.limits.max_text_chars,
+                engine=info.engine,
+                max_running=info.max_running,
             )
 
         return self._guard(context, call, work)

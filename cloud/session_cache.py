@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ class SessionCaches:
         crop: Callable[[Any, int], None],
         bytes_per_token: int = 0,
         clock: Callable[[], float] = time.monotonic,
-        running_bytes: Callable[[Iterable[CachedSession]], int] | None = None,
+        running_bytes: Callable[[list[CachedSession]], int] | None = None,
         release: Callable[[Any], None] | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
@@ -123,7 +123,7 @@ class SessionCaches:
         """What the running sessions hold, as the engine counts it."""
         return self._running_bytes(list(self._running.values()))
 
-    def _token_bytes(self, running: Iterable[CachedSession]) -> int:
+    def _token_bytes(self, running: list[CachedSession]) -> int:
         return sum(len(s.ids) for s in running) * self.bytes_per_token
 
     def _fit(self) -> None:

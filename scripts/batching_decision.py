@@ -1,5 +1,5 @@
 """The measurement behind docs/batching.md's choice: transformers' ContinuousBatchingManager
-against batching rows of the engine's own per-session caches, on this machine.
+against the engine's two paths (rows of per-session caches; the paged KV pool), on this machine.
 
     .venv/bin/python -m scripts.batching_decision [--model GGUF] [--threads 1] [--reps 3]
 
@@ -10,6 +10,7 @@ same prompts (64 tokens), 16 new greedy tokens, 1 and 8 requests at once, interl
            sharing on), requests added together, results read back
   rows     `TransformersEngine`'s step API as the engine loop drives it: start, prefill
            (several prompts in one forward), batched decode steps
+  paged    `PagedEngine` (`serve --engine paged`) driven the same way, on the same model
 Then the manager's prefix reuse: a request that continues an earlier one (its prompt plus
 the 16 tokens it wrote plus 20 new ones) and how many of its tokens the manager found in
 its cache (`search_prefix_match`), against the engine's session cache.
@@ -47,16 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
-    from cloud.engine import TransformersEngine
+    from cloud.engine import PagedEngine, TransformersEngine
     from shared.wire import Message, Sampling
 
     torch.set_num_threads(args.threads)
     engine = TransformersEngine.load(args.model, device="cpu", num_threads=args.threads)
+    paged = PagedEngine(
+        engine.model,
+        engine.tokenizer,
+        model_id="paged",
+        device=engine.device,
+        loaded_from=engine.loaded_from,
+        context_length=1024,
+        max_cache_bytes=16 * 1025 * engine.memory.bytes_per_token,
+    )
+    engines: dict[str, Any] = {"rows": engine, "paged": paged}
     msgs = [Message("user", "Continue the story.")]
     greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0)
     prompts = [engine.tokenize(msgs, STORY[i * 7 :])[:64] for i in range(8)]
 
-    def rows(n: int) -> dict[str, float]:
+    def stepped(name: str, n: int) -> dict[str, float]:
+        engine = engines[name]
         runs = []
         for i in range(n):
             run = engine.plan_generate(
@@ -106,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"threads": args.threads, "new_tokens": NEW, "runs": []}
     try:
-        rows(1), via_manager(prompts[:1])  # warm both
+        stepped("rows", 1), stepped("paged", 1), via_manager(prompts[:1])  # warm all
+        names = ["rows", "paged", "manager"]
         for rep in range(args.reps):
             for n in (1, 8):
-                order = ("rows", "manager") if rep % 2 == 0 else ("manager", "rows")
+                order = names[rep % 3 :] + names[: rep % 3]  # each goes first in turn
                 got = {}
                 for name in order:
-                    got[name] = rows(n) if name == "rows" else via_manager(prompts[:n])[0]
+                    got[name] = (
+                        stepped(name, n) if name != "manager" else via_manager(prompts[:n])[0]
+                    )
                 results["runs"].append({"n": n, **got})
                 print(json.dumps({"rep": rep, "n": n, **got}), flush=True)
         # prefix reuse: continue the first prompt with what it wrote and 20 new tokens
@@ -141,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         manager.stop(block=True)
     med = {
         (name, n): statistics.median(r[name]["tok_s"] for r in results["runs"] if r["n"] == n)
-        for name in ("rows", "manager")
+        for name in ("rows", "paged", "manager")
         for n in (1, 8)
     }
     results["median_tok_s"] = {f"{k[0]}@{k[1]}": v for k, v in med.items()}
     results["gain_8_over_1"] = {
-        name: med[(name, 8)] / med[(name, 1)] for name in ("rows", "manager")
+        name: med[(name, 8)] / med[(name, 1)] for name in ("rows", "paged", "manager")
     }
+    results["paged_over_rows"] = {n: med[("paged", n)] / med[("rows", n)] for n in (1, 8)}
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
     return 0
 

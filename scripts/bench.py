@@ -413,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch threads of the cloud engine (default: torch's, one per core)",
     )
+    parser.add_argument(
+        "--engine",
+        default="rows",
+        choices=("rows", "paged"),
+        help="the cloud's engine path (serve --engine)",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
@@ -429,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "")
         + (f" --only {args.only}" if args.only != ",".join(SECTIONS) else "")
         + (f" --cloud-threads {args.cloud_threads}" if args.cloud_threads else "")
+        + (f" --engine {args.engine}" if args.engine != "rows" else "")
     )
     rep.load["start"] = loadavg()
     t_start = time.perf_counter()
@@ -445,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    rig = Rig(args.edge_model, args.cloud_model, log, args.edge_threads, args.cloud_threads)
+    rig = Rig(
+        args.edge_model, args.cloud_model, log, args.edge_threads, args.cloud_threads, args.engine
+    )
     import torch
 
     rep.results["models"] = {

@@ -130,9 +130,10 @@ class Rig:
         log: Callable[[str], None],
         edge_threads: int | None = None,
         cloud_threads: int | None = None,
+        engine_kind: str = "rows",
     ) -> None:
         from cloud.cli import _warm_up
-        from cloud.engine import TransformersEngine
+        from cloud.engine import engine_class
         from cloud.engine_thread import EngineThread
         from cloud.server import CloudServer, ServerOptions
         from edge.drafter import LlamaDrafter
@@ -142,12 +143,12 @@ class Rig:
         self.drafter = LlamaDrafter(edge_model, context_length=4096, threads=edge_threads)
         log(f"edge model loaded in {time.perf_counter() - t0:.1f} s: {edge_model.name}")
         t0 = time.perf_counter()
-        self.engine = TransformersEngine.load(
+        self.engine = engine_class(engine_kind, "cpu").load(
             str(cloud_model), device="cpu", num_threads=cloud_threads
         )
         log(
             f"cloud model loaded in {time.perf_counter() - t0:.1f} s: {cloud_model.name} "
-            f"({self.engine.info.dtype}, {self.engine.info.device})"
+            f"({self.engine.info.dtype}, {self.engine.info.device}, engine {self.engine.info.engine})"
         )
         # as `specthink-cloud serve` does: all model work on one engine thread, admission
         # following its batch limit

@@ -43,14 +43,34 @@ from cloud.engine.weights import convert_gguf, default_cache_dir, gguf_digest, p
 
 # --engine NAME -> the engine class (same constructor and load() for both)
 ENGINES: dict[str, type[TransformersEngine]] = {"rows": TransformersEngine, "paged": PagedEngine}
+# --engine auto, by the device the model runs on. CPU: rows, measured faster there
+# (docs/batching.md, scripts/batching_decision.py). CUDA: paged, the path built for it (no
+# per-step KV copy, one forward per step, attention read in place); scripts/gpu_check.py
+# measures both on a GPU. MPS: rows (not measured).
+AUTO_ENGINE = {"cpu": "rows", "cuda": "paged", "mps": "rows"}
+
+
+def engine_class(kind: str, device: str) -> type[TransformersEngine]:
+    """The class `serve --engine KIND` runs on DEVICE (auto, cuda, cuda:1, mps, cpu);
+    ValueError names the choices."""
+    kind = kind.strip().lower()
+    if kind == "auto":
+        dev = pick_device(device).type
+        kind = AUTO_ENGINE.get(dev, "rows")
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}: use auto, {', '.join(ENGINES)}")
+    return ENGINES[kind]
+
 
 __all__ = [
+    "AUTO_ENGINE",
     "ENGINES",
     "IncrementalDetokenizer",
     "PagedEngine",
     "TransformersEngine",
     "convert_gguf",
     "default_cache_dir",
+    "engine_class",
     "find_stop",
     "gguf_digest",
     "pick_device",

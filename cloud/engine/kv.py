@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from cloud import memory
+from cloud.engine_api import EngineOutOfMemory
 
 
 def cache_bytes(cache: Any) -> int:
@@ -67,6 +68,26 @@ def weights_bytes(model: Any) -> int:
     """Bytes of the model's parameters and buffers."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) allocation failed: CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def as_out_of_memory(exc: BaseException, device: torch.device) -> EngineOutOfMemory | None:
+    """`exc` as the engine's EngineOutOfMemory (with the allocator's cache given back),
+    or None when it is something else."""
+    if not is_out_of_memory(exc):
+        return None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EngineOutOfMemory(first[:300])
 
 
 def free_bytes(device: torch.device) -> int:

@@ -20,6 +20,7 @@ from cloud import memory
 from cloud.batching import DecodeBatch, StepRun, own
 from cloud.decoding import IncrementalDetokenizer, TextWriter
 from cloud.engine.kv import (
+    as_out_of_memory,
     cache_bytes,
     cache_of,
     common_prefix,
@@ -84,6 +85,7 @@ class TransformersEngine:
         self.loaded_from = loaded_from  # the folder or hub id actually read
         self.converted_from = converted_from  # the GGUF file, when loaded_from is its conversion
         self.load_s = 0.0
+        self.peak_host_bytes = 0  # the process's peak RSS after loading (set by load())
         self.session_ttl_s = session_ttl_s
         self.prefill_chunk = max(1, prefill_chunk)
         self.sharing_target_s = _SHARING_TARGET_S
@@ -152,7 +154,7 @@ class TransformersEngine:
             running_bytes=self._running_bytes,
         )
 
-    def _running_bytes(self, running: Sequence[CachedSession]) -> int:
+    def _running_bytes(self, running: list[CachedSession]) -> int:
         """What running sessions really hold: their own caches, and the decode batch (left-
         padded to its longest row) twice, since a join builds the new batch beside the old."""
         held = {id(s.cache): cache_bytes(s.cache) for s in running}
@@ -198,6 +200,7 @@ class TransformersEngine:
             max_running=max_running,
         )
         engine.load_s = time.perf_counter() - t0
+        engine.peak_host_bytes = w.peak_host_bytes
         return engine
 
     # ---- text -> ids ---------------------------------------------------------------
@@ -332,18 +335,25 @@ class TransformersEngine:
         group = mine[: max(1, budget // width)]
         started = time.perf_counter()
         with self._model_lock, torch.inference_mode():
-            if len(group) == 1:
-                s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
-                logits = [self._forward(s, group[0].prompt[start : start + width])]  # type: ignore[arg-type]
-            else:
-                logits = self._forward_rows(group, width)
+            try:
+                if len(group) == 1:
+                    s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
+                    logits = [self._forward(s, group[0].prompt[start : start + width])]  # type: ignore[arg-type]
+                else:
+                    logits = self._forward_rows(group, width)
+            except BaseException as exc:
+                for run in group:  # layers a failed forward reached have grown: cut back
+                    if run.s is not None and not run.in_batch:
+                        crop(run.s.cache, len(run.s.ids))
+                oom = as_out_of_memory(exc, self.device)
+                if oom is not None:
+                    raise oom from exc
+                raise
             self._measure_prefill(len(group) * width, time.perf_counter() - started)
             ready = [i for i, run in enumerate(group) if not run.prefilling]
             for i in ready:
                 group[i].t1 = time.perf_counter()
-            wanting = [
-                i for i in ready if group[i].writer is not None and group[i].writer.wants_token()
-            ]
+            wanting = [i for i in ready if _wants_token(group[i])]
             if wanting:
                 rows = torch.stack([logits[i] for i in wanting])
                 tokens = self._pick_rows([group[i] for i in wanting], rows)
@@ -358,8 +368,11 @@ class TransformersEngine:
             before = batch.length
             try:
                 logits = self._forward_batch(batch)
-            except BaseException:
+            except BaseException as exc:
                 batch.recover(before)  # every row back to its last completed step
+                oom = as_out_of_memory(exc, self.device)
+                if oom is not None:
+                    raise oom from exc
                 raise
             tokens = self._pick_rows(batch.runs, logits)
             for run, token in zip(batch.runs, tokens, strict=True):
@@ -538,6 +551,11 @@ class TransformersEngine:
         out = run.outcome()
         assert isinstance(out, Generated)
         yield out
+
+
+def _wants_token(run: StepRun) -> bool:
+    """A generate run (not a prefill) whose writer asks for another token."""
+    return run.writer is not None and run.writer.wants_token()
 
 
 def _implements_engine(engine: TransformersEngine) -> StepEngine:

@@ -132,6 +132,7 @@ class Weights:
     device: torch.device
     loaded_from: str  # the folder or hub id actually read
     converted_from: Path | None  # the GGUF file, when loaded_from is its conversion
+    peak_host_bytes: int = 0  # the process's peak RSS once loaded (loading included)
 
 
 def load_weights(
@@ -153,28 +154,34 @@ def load_weights(
     dev = pick_device(device)
     dtype_ = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    source, converted, model_obj, tokenizer = resolve(model, cache_dir)
-    sharded: dict[str, Any] = {}
-    if tp_plan:  # a fresh GGUF conversion is whole: read the folder again, sharded
-        model_obj = None
-        sharded["distributed_config"] = DistributedConfig(tp_plan=tp_plan)
+    source, converted, _, _ = resolve(model, cache_dir)
+    # Straight onto the device: transformers builds the model on the meta device and
+    # reads each tensor from the checkpoint into its place (`device_map`), so the host
+    # never holds a full copy. A GGUF is dequantized on the host once, when converted;
+    # the converted folder is then read like any other.
+    placement: dict[str, Any] = {"device_map": str(dev)}
+    if tp_plan:
+        placement = {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if model_obj is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_, **sharded)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"{model}: cannot load (hub unreachable or not a model?): {first}"
-            ) from e
-    else:
-        model_obj = model_obj.to(dtype_)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_, **placement)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model}: cannot load (hub unreachable or not a model?): {first}") from e
     return Weights(
-        model=(model_obj if tp_plan else model_obj.to(dev)).eval(),
+        model=model_obj.eval(),
         tokenizer=tokenizer,
         device=dev,
         loaded_from=source,
         converted_from=Path(model) if converted is not None else None,
+        peak_host_bytes=peak_host_bytes(),
     )
+
+
+def peak_host_bytes() -> int:
+    """The process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

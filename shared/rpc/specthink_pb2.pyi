@@ -499,6 +499,8 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_TAKEOVER_FIELD_NUMBER: _builtins.int
     MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model as the server was given it (folder, id or GGUF file name)."""
     tokenizer: _builtins.str
@@ -512,6 +514,12 @@ class ModelInfo(_message.Message):
     max_tokens_per_takeover: _builtins.int
     """Server limits a client should respect."""
     max_text_chars: _builtins.int
+    engine: _builtins.str
+    """The engine path serving it: "rows" (per-session caches batched as padded rows) or
+    "paged" (a preallocated KV pool read in place), as `serve --engine` chose it.
+    """
+    max_running: _builtins.int
+    """Takeovers decoded together at most (the batch limit of the memory plan)."""
     def __init__(
         self,
         *,
@@ -523,10 +531,12 @@ class ModelInfo(_message.Message):
         chat_template: _builtins.bool = ...,
         max_tokens_per_takeover: _builtins.int = ...,
         max_text_chars: _builtins.int = ...,
+        engine: _builtins.str = ...,
+        max_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "max_text_chars", b"max_text_chars", "max_tokens_per_takeover", b"max_tokens_per_takeover", "model_id", b"model_id", "tokenizer", b"tokenizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "engine", b"engine", "max_running", b"max_running", "max_text_chars", b"max_text_chars", "max_tokens_per_takeover", b"max_tokens_per_takeover", "model_id", b"model_id", "tokenizer", b"tokenizer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,3 +35,28 @@ def smol_engine(smollm2: Path, engine_cache_dir: Path) -> Any:
     return TransformersEngine.load(
         str(smollm2), device="cpu", cache_dir=engine_cache_dir, dtype="float32"
     )
+
+
+@pytest.fixture(scope="session")
+def smol_paged(smol_engine: Any) -> Any:
+    """A `PagedEngine` (`serve --engine paged`) on the same SmolLM2 weights: its own slot
+    pool (16 slots of 2,048 tokens), the model object shared with `smol_engine`."""
+    from cloud.engine import PagedEngine
+
+    return PagedEngine(
+        smol_engine.model,
+        smol_engine.tokenizer,
+        model_id="smol",
+        device=smol_engine.device,
+        loaded_from=smol_engine.loaded_from,
+        context_length=2047,
+        max_cache_bytes=16 * 2048 * smol_engine.memory.bytes_per_token,
+    )
+
+
+@pytest.fixture(scope="session", params=["rows", "paged"])
+def smol_either(request: pytest.FixtureRequest, smol_engine: Any) -> Any:
+    """Each engine path in turn, for the tests every path must pass."""
+    if request.param == "rows":
+        return smol_engine
+    return request.getfixturevalue("smol_paged")

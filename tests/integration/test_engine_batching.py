@@ -30,8 +30,8 @@ SEA = [Message("system", "You are terse."), Message("user", "Tell me about the s
 
 
 @pytest.fixture()
-def engine(smol_engine: TransformersEngine) -> TransformersEngine:
-    return smol_engine
+def engine(smol_either: TransformersEngine) -> TransformersEngine:
+    return smol_either
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ from cloud.engine_api import (
     EngineCancelled,
     EngineContextFull,
     EngineInfo,
+    EngineOutOfMemory,
     Generated,
     Prefilled,
     Run,
@@ -344,4 +345,50 @@ def test_step_observers_see_each_decode_steps_batch_size(engine):
     held_back(engine, loop, {"a": (5, "x"), "b": (5, "x")})
     assert seen == [len(s) for s in engine.decode_steps()]
     assert 2 in seen
+    loop.close()
+
+
+# ---- out of device memory ---------------------------------------------------------------
+
+
+class OutOfMemoryAbove(ScriptedStepEngine):
+    """A device that holds at most `fits` decoding rows: a larger step raises
+    EngineOutOfMemory (after which, like the real engines, every run is as before)."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.ooms = 0
+
+    def decode_step(self, runs: Sequence[Run]) -> None:
+        if len(runs) > self.fits:
+            self.ooms += 1
+            self.log.append(("oom", tuple(r.session for r in runs)))
+            raise EngineOutOfMemory(f"{len(runs)} rows do not fit")
+        super().decode_step(runs)
+
+
+def test_an_out_of_memory_step_sheds_the_newest_calls_and_every_call_completes():
+    engine = OutOfMemoryAbove(fits=3)
+    loop = EngineThread(engine)
+    results = held_back(engine, loop, {f"s{i}": (12, "x") for i in range(8)})
+    for session, events in results.items():
+        assert isinstance(events, list), (session, events)  # nobody failed
+        assert [c.text for c in events[:-1]] == [str(i) for i in range(12)]
+        assert isinstance(events[-1], Generated)
+    assert engine.ooms >= 1 and loop.sheds == engine.ooms
+    steps = engine.decode_steps()
+    assert max(len(s) for s in steps) <= 3  # every step that ran fitted
+    first_oom = next(i for i, entry in enumerate(engine.log) if entry[0] == "oom")
+    after = [s for kind, s in engine.log[first_oom + 1 :] if kind == "decode"]
+    assert after and set(after[0]) <= set(engine.log[first_oom][1][:4])  # the oldest went on
+    loop.close()
+
+
+def test_a_call_that_runs_out_of_memory_alone_fails_with_that_error():
+    engine = OutOfMemoryAbove(fits=0)
+    loop = EngineThread(engine)
+    with pytest.raises(EngineOutOfMemory):
+        list(generate(loop, "alone", 3))
+    assert engine.finished == ["alone"]  # its cache was checked in
     loop.close()

@@ -325,10 +325,12 @@ class ReplicatedStepEngine:
 
     # ---- local only ------------------------------------------------------------------
 
-    @property
-    def memory(self) -> Any:
-        """The engine's memory plan (`cloud.memory`), as this rank sized it."""
-        return getattr(self.engine, "memory", None)
+    def __getattr__(self, name: str) -> Any:
+        """What else the command line reads of the engine (its memory plan, load figures):
+        rank 0's engine's."""
+        if name == "engine":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
         return self.engine.count_tokens(messages, assistant_text)

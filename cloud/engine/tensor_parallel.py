@@ -67,6 +67,7 @@ def load_sharded(
     max_cache_bytes: int | None = None,
     session_ttl_s: float = 600.0,
     max_running: int | None = None,
+    context_length: int | None = None,
 ) -> tuple[Any, TorchChannel, SharedClock]:
     """This rank's engine of class `cls` (a `TransformersEngine`) on its shard, the channel
     to the other ranks, and the clock the engine reads (rank 0's time for each call).
@@ -84,7 +85,7 @@ def load_sharded(
         converted_from=w.converted_from,
         max_cache_bytes=max_cache_bytes,
         session_ttl_s=session_ttl_s,
-        context_length=None,
+        context_length=context_length,
         clock=clock,
         max_running=max_running,
     )

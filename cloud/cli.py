@@ -317,7 +317,7 @@ def _load(
             )
         typer.echo(f"specthink-cloud: loading {model} ...", err=True)
         try:
-            cls = engine_class(engine_kind, device)
+            cls = engine_class(_sharded_kind(engine_kind, tensor_parallel), device)
             if tensor_parallel > 1:
                 return _load_sharded(
                     cls,
@@ -349,6 +349,14 @@ def _load(
         raise typer.Exit(0) from None
     finally:
         server.install_signal_handlers()
+
+
+def _sharded_kind(engine_kind: str, tensor_parallel: int) -> str:
+    """--engine auto under --tensor-parallel is rows: the paged engine's KV pool is not
+    sharded (`cloud.engine.tensor_parallel.load_sharded` refuses it by name)."""
+    if tensor_parallel > 1 and engine_kind.strip().lower() == "auto":
+        return "rows"
+    return engine_kind
 
 
 def _load_sharded(
@@ -404,7 +412,7 @@ def _follow(
 
     try:
         engine, channel, clock = load_sharded(
-            engine_class(engine_kind, device),  # the class rank 0 picks
+            engine_class(_sharded_kind(engine_kind, 2), device),  # the class rank 0 picks
             model,
             device=device,
             dtype=dtype,

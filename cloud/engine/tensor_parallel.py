@@ -73,6 +73,11 @@ def load_sharded(
     to the other ranks, and the clock the engine reads (rank 0's time for each call).
 
     Every rank gets the smallest KV budget any rank planned, so that all evict alike."""
+    if getattr(cls, "kind", "rows") != "rows":
+        raise ValueError(
+            f"--tensor-parallel runs the rows engine: the {cls.kind} engine's KV pool is not "
+            "sharded across ranks yet (use --engine rows)"
+        )
     t0 = time.perf_counter()
     w = load_weights(model, device, dtype, cache_dir, tp_plan="auto")
     clock = SharedClock()

@@ -720,6 +720,11 @@ def grpc_takeovers(engine: Any, tag: str) -> dict[str, Any]:
     finally:
         server.stop_now()
         loop.close()
+        thread = getattr(loop, "_thread", None)
+        if thread is not None:
+            thread.join(timeout=30)
+        # nothing of the server may keep the engine (a paged pool is most of the device)
+        server.engine = server.servicer.engine = None
     return out
 
 

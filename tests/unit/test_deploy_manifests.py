@@ -601,3 +601,25 @@ def test_compose_edge_asks_the_cloud_once() -> None:
     assert edge["depends_on"]["cloud"]["condition"] == "service_healthy"
     assert "grpc_health" in " ".join(map(str, cloud["healthcheck"]["test"]))
     assert edge.get("restart", "no") == "no"
+
+
+def test_optional_tensor_parallel_deployment_launches_one_rank_per_gpu() -> None:
+    """docker/k8s/optional/tensor-parallel.yaml (docs/tensor-parallel.md): a valid Deployment
+    whose torchrun starts as many ranks as --tensor-parallel and as the pod has GPUs, and
+    whose drain ends before torchrun's fixed 30 s between SIGTERM and SIGKILL."""
+    (deploy,) = [d for w, d in CRD_DOCS if w.endswith(".yaml#0") and "tensor-parallel" in w]
+    kv.validate(deploy, _schema_version(), strict=True)
+    container = _cloud_container(deploy)
+    assert container["command"] == ["torchrun"]
+    args = [str(a) for a in container["args"]]
+    ranks = int(_flag(args, "--nproc-per-node") or 0)
+    assert ranks >= 2 and int(_flag(args, "--tensor-parallel") or 0) == ranks
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == ranks
+    assert args[args.index("--no-python") + 1 : args.index("--no-python") + 3] == [
+        "specthink-cloud",
+        "serve",
+    ]
+    check_shutdown_timing(deploy)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == _grpc_port(container)
+    assert float(_flag(args, "--drain-grace-s") or DRAIN_DEFAULT_S) < 30

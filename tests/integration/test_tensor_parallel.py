@@ -1,6 +1,7 @@
-"""`serve --tensor-parallel 2` on CPU: torchrun starts two processes (gloo), each holds half
-of Qwen2.5-Coder-0.5B (transformers' tensor-parallel plan; SmolLM2's 9 heads do not split
-in two), rank 0 serves gRPC on 127.0.0.1 and the other rank replays its engine calls.
+"""`serve --tensor-parallel 2` on CPU (and on 2 GPUs where there are): torchrun starts two
+processes (gloo on CPU, NCCL on CUDA), each holds half of Qwen2.5-Coder-0.5B (transformers'
+tensor-parallel plan; SmolLM2's 9 heads do not split in two), rank 0 serves gRPC on
+127.0.0.1 and the other rank replays its engine calls.
 
 Greedy text over real gRPC equals the one-process engine's on the same prompt (alone,
 after a delta on a cached session, and two takeovers decoded in one batch), and at exit
@@ -39,12 +40,22 @@ def qwen05() -> Path:
         pytest.fail(f"{exc} (scripts/install.sh installs the test models)")
 
 
-def _greedy_alone(model: Path, cache_dir: Path) -> dict[tuple[str, str], str]:
+def _two_gpus() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.device_count() >= 2)
+
+
+def _greedy_alone(model: Path, cache_dir: Path, device: str) -> dict[tuple[str, str], str]:
     """The one-process engine's greedy text for each (question, assistant text) used below."""
     pytest.importorskip("torch")
     from cloud.engine import TransformersEngine
 
-    engine = TransformersEngine.load(str(model), device="cpu", cache_dir=cache_dir, dtype="float32")
+    engine = TransformersEngine.load(
+        str(model), device=device, cache_dir=cache_dir, dtype="float32"
+    )
     texts: dict[tuple[str, str], str] = {}
 
     def write(question: str, assistant_text: str) -> str:
@@ -80,10 +91,19 @@ def _calls(stderr: str, who: str) -> str:
     return match.group(1).strip()
 
 
-def test_two_cpu_ranks_write_the_one_process_greedy_text_in_lockstep(
-    qwen05: Path, engine_cache_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",  # gloo
+        pytest.param(  # NCCL: the device check on a machine with 2+ GPUs
+            "cuda", marks=pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+        ),
+    ],
+)
+def test_two_ranks_write_the_one_process_greedy_text_in_lockstep(
+    qwen05: Path, engine_cache_dir: Path, tmp_path: Path, device: str
 ) -> None:
-    expected = _greedy_alone(qwen05, engine_cache_dir)
+    expected = _greedy_alone(qwen05, engine_cache_dir, device)
     gc.collect()
     stderr_path = tmp_path / "torchrun.err"
     process = subprocess.Popen(
@@ -102,7 +122,7 @@ def test_two_cpu_ranks_write_the_one_process_greedy_text_in_lockstep(
             "--port",
             "0",
             "--device",
-            "cpu",
+            device,
             "--dtype",
             "float32",
             "--max-running",

@@ -30,6 +30,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class CloudServer:
     def __init__(self, engine: Engine | None, options: ServerOptions) -> None:
         self.options = options
         self.engine = engine
+        self._born = time.monotonic()  # startup_s in the "serving" log line counts from here
         self.metrics = Metrics()
         self.admission = Admission(
             AdmissionLimits(
@@ -351,7 +353,13 @@ class CloudServer:
             self.check_health()
         log.info(
             json.dumps(
-                {"event": "serving", "address": self.address, "metrics_port": self.metrics_port}
+                {
+                    "event": "serving",
+                    "address": self.address,
+                    "metrics_port": self.metrics_port,
+                    # bind -> SERVING: load and warm-up; the startup probe's budget is sized on it
+                    "startup_s": round(time.monotonic() - self._born, 1),
+                }
             )
         )
 

@@ -4,8 +4,8 @@
 # The model is NOT baked in: mount it (read-only) at /models and pass --model /models/<name>.
 FROM python:3.11-slim-bookworm
 
-# torch is pinned and taken from the CPU-only index so no CUDA wheels (GBs) are pulled.
-ARG TORCH_VERSION=2.6.0
+# torch comes from the CPU-only index (no CUDA download), at the version constraints.txt
+# pins; so does transformers: the versions the tests run.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,15 +16,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface \
     HOME=/home/specthink
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml README.md ./
 COPY shared/ shared/
 COPY cloud/ cloud/
-# Repeating the pin stops the resolver from swapping in a CUDA build of torch from PyPI.
-RUN pip install "torch==${TORCH_VERSION}" ".[cloud]" \
- && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}'" \
+# The constraint keeps pip from swapping in a CUDA build of torch from PyPI afterwards.
+RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" torch \
+ && pip install -c constraints.txt ".[cloud]" \
+ && python -c "import importlib.metadata as md; \
+pins = dict(l.split('#')[0].strip().split('==') for l in open('constraints.txt') if '==' in l.split('#')[0]); \
+got = {name: md.version(name).split('+')[0] for name in pins}; \
+assert got == pins, f'installed {got}, constraints.txt pins {pins}'; print(got)" \
  && rm -rf /src
 
 RUN groupadd --gid 10001 specthink \

@@ -3,33 +3,44 @@
 #   docker build -f docker/cloud.Dockerfile -t specthink-cloud:cuda .
 # The model is NOT baked in: mount it (read-only) at /models and pass --model /models/<name>.
 #
-# Base: the official PyTorch runtime image, which pins torch (and its CUDA/cuDNN) by tag.
-# Bump TORCH_VERSION and the tag together; the build fails if they disagree.
-ARG TORCH_VERSION=2.6.0
-ARG BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
-FROM ${BASE_IMAGE}
+# torch and transformers are the versions the tests run: constraints.txt at the repository
+# root pins both (the build fails if pip installs anything else). PyPI's Linux torch wheel
+# is a CUDA build that brings its CUDA runtime as pip packages, so the base image needs no
+# CUDA of its own; the host's driver comes in through the NVIDIA container runtime (the
+# Kubernetes device plugin, or `docker run --gpus`). For an older driver, take the same
+# torch version built for an older CUDA, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
-ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SPECTHINK_CACHE_DIR=/cache/specthink \
     HF_HOME=/cache/huggingface \
-    HOME=/home/specthink
-
-# Fail early on a base image that does not carry the torch/python we expect.
-RUN python -c "import sys, torch; assert sys.version_info >= (3, 11), sys.version; \
-assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
+    HOME=/home/specthink \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# expandable_segments: the KV cache grows and shrinks with the sessions; expandable
+# segments let the allocator map more memory into one segment instead of fragmenting.
 
 WORKDIR /src
 # Only the sources the cloud needs (no models, no virtualenvs, no tests).
-COPY pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml README.md ./
 COPY shared/ shared/
 COPY cloud/ cloud/
-# Passing the torch pin alongside the extra keeps pip from replacing the image's CUDA build.
-RUN pip install "torch==${TORCH_VERSION}" ".[cloud]" \
- && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}'" \
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+      pip install -c constraints.txt --index-url "$TORCH_INDEX_URL" torch; \
+    fi \
+ && pip install -c constraints.txt ".[cloud]" \
+ && python -c "import importlib.metadata as md, torch; \
+pins = dict(l.split('#')[0].strip().split('==') for l in open('constraints.txt') if '==' in l.split('#')[0]); \
+got = {name: md.version(name).split('+')[0] for name in pins}; \
+assert got == pins, f'installed {got}, constraints.txt pins {pins}'; \
+assert torch.version.cuda, 'torch is not a CUDA build'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| transformers', got['transformers'])" \
  && rm -rf /src
 
 RUN groupadd --gid 10001 specthink \

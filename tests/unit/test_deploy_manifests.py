@@ -1,12 +1,16 @@
 """Offline checks of the container images and deployment manifests under docker/.
 
-Every Kubernetes document under docker/k8s (except the CRD folders istio/ and optional/) is
-validated against the Kubernetes JSON schemas shipped inside the kubernetes-validate package,
-in strict mode (unknown fields fail). On top of schema validity, the behaviours the service
-relies on are asserted: gRPC probes on the serving port, a termination grace longer than
-preStop + drain, a GPU, h2c on the Service, HPA/PDB wired to the Deployment, the API key file
-mounted where the server reads it, header-hash affinity in Istio, non-root images that do not
-bake in models, and a compose file that mounts the model it points the cloud at.
+Every Kubernetes document under docker/k8s (except the CRD folders istio/, optional/ and
+gateway/, and the kustomization files) is validated against the Kubernetes JSON schemas
+shipped inside the kubernetes-validate package, in strict mode (unknown fields fail), and
+so is the spare-GPU variant (docker/k8s-spare-gpu) once rendered. On top of schema
+validity, the behaviours the service relies on are asserted: gRPC probes on the serving
+port (readiness on the whole server, liveness on its own "liveness" service), a termination
+grace longer than preStop + drain, a GPU node, the allocator setting, h2c on the Service,
+HPA/PDB wired to the Deployment on metrics the server exports, the ready-replica
+arithmetic of both rollout choices, the API key file mounted where the server reads it,
+header-hash affinity in Istio and in the Gateway, non-root images that do not bake in
+models, and a compose file that mounts the model it points the cloud at.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,8 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
-CRD_DIRS = ("istio", "optional")
+SPARE_GPU = DOCKER / "k8s-spare-gpu"  # a kustomize overlay of K8S
+CRD_DIRS = ("istio", "optional", "gateway")
 DOCKERFILES = {
     "cloud": DOCKER / "cloud.Dockerfile",
     "cloud-cpu": DOCKER / "cloud-cpu.Dockerfile",
@@ -49,7 +56,7 @@ def _load_docs(files: list[Path]) -> list[tuple[str, dict[str, Any]]]:
     docs = []
     for f in files:
         for i, doc in enumerate(yaml.safe_load_all(f.read_text())):
-            if doc is None:  # empty document between '---'
+            if doc is None or doc.get("kind") == "Kustomization":  # not an API object
                 continue
             docs.append((f"{f.relative_to(ROOT)}#{i}", doc))
     return docs
@@ -141,8 +148,11 @@ def check_grpc_probes(deploy: dict[str, Any]) -> None:
             f"{probe} must be a native gRPC probe"
         )
         assert spec["grpc"]["port"] == port, f"{probe} must probe the gRPC port {port}"
-        # Empty service name = overall server health, which is NOT_SERVING until warm.
-        assert spec["grpc"].get("service", "") == "", f"{probe} must check the whole server"
+        # Empty service name = overall server health (readiness): NOT_SERVING until warm,
+        # while the engine fails and while draining. Liveness asks its own service, which
+        # stays SERVING through loading and draining and fails only on a stuck engine.
+        want = "liveness" if probe == "livenessProbe" else ""
+        assert spec["grpc"].get("service", "") == want, f"{probe} must ask service {want!r}"
     startup = container["startupProbe"]
     budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     assert budget >= 300, "model loading needs a startup budget of minutes, not seconds"
@@ -403,13 +413,35 @@ def test_hpa_targets_the_deployment_on_queue_length() -> None:
     )
     assert 1 <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"]
     pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
-    assert [p["metric"]["name"] for p in pods] == ["specthink_num_requests_waiting"]
+    names = [p["metric"]["name"] for p in pods]
+    # the early signal (batch fill, before anything waits) and the queue as a backstop
+    assert names == ["specthink_batch_demand_perc", "specthink_num_requests_waiting"]
+    demand = pods[0]["target"]
+    assert demand["type"] == "AverageValue" and _quantity(demand["averageValue"]) < 1.0, (
+        "scale out before the batch is full (1.0 = full, above = requests wait)"
+    )
     for m in hpa["spec"]["metrics"]:
         for body in m.values():
             if isinstance(body, dict) and "metric" in body:
                 assert ":" not in body["metric"]["name"], "':' is invalid in k8s metric names"
+    # the adapter renames specthink:X to specthink_X: each X is a metric the server exports
+    exported = _exported_metric_names()
+    for name in names:
+        assert "specthink:" + name.removeprefix("specthink_") in exported, name
     text = (K8S / "hpa.yaml").read_text()
-    assert "prometheus-adapter" in text and "specthink:num_requests_waiting" in text
+    assert "prometheus-adapter" in text and '"specthink_${1}"' in text
+
+
+def _quantity(value: str | int | float) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _exported_metric_names() -> set[str]:
+    pytest.importorskip("prometheus_client")
+    from cloud.metrics import Metrics
+
+    return {family.name for family in Metrics().registry.collect()}
 
 
 def test_pdb_selects_the_deployment_pods() -> None:
@@ -489,7 +521,7 @@ def test_dockerfile_check_catches_root_and_model_copies(tmp_path: Path) -> None:
 def test_cloud_images(name: str) -> None:
     path = DOCKERFILES[name]
     final = _stages(path)[-1]
-    d = {}
+    d: dict[str, list[str]] = {}
     for word, rest in final:
         d.setdefault(word, []).append(rest)
     assert d["ENTRYPOINT"][-1].replace(" ", "") == '["specthink-cloud","serve"]'
@@ -497,19 +529,24 @@ def test_cloud_images(name: str) -> None:
     exposed = {p.split("/")[0] for e in d["EXPOSE"] for p in e.split()}
     assert {"50051", "9400"} <= exposed
     text = path.read_text()
-    installs = [r for stage in _stages(path) for w, r in stage if w == "RUN" and "[cloud]" in r]
-    assert installs, f"{path.name}: never installs the [cloud] extra"
+    # torch and transformers: exactly constraints.txt's pins (the versions the tests run)
+    copies = [r for w, r in final if w == "COPY" and "constraints.txt" in r.split()[:-1]]
+    assert copies, f"{path.name}: constraints.txt is not copied into the build"
+    installs = [r for w, r in final if w == "RUN" and "pip install" in r]
+    assert any("[cloud]" in r for r in installs), f"{path.name}: never installs [cloud]"
     for run in installs:
-        # The pin must ride along with the extra, or pip may swap the torch build.
-        assert re.search(r"torch==(\$\{TORCH_VERSION\}|\d)", run), "torch must be pinned"
-    assert re.search(r"TORCH_VERSION=\d+\.\d+\.\d+", text)
+        for command in re.split(r"&&|;", run):
+            if "pip install" in command and ("torch" in command or "[cloud]" in command):
+                assert "-c constraints.txt" in command, f"{path.name}: unconstrained: {command}"
+    assert not re.search(r"(torch|transformers)\s*==\s*\d", text), "no version outside constraints"
+    assert "TORCH_VERSION" not in text, "versions come from constraints.txt, not build args"
+    assert re.search(r"got == pins", text), f"{path.name}: the build must check what it got"
     base = _resolve_from(path, final[0][1].split()[0])
     if name == "cloud":
-        assert base.startswith(("nvidia/cuda:", "pytorch/pytorch:")), base
-        assert "cuda" in base and "runtime" in base
-        version = re.search(r"TORCH_VERSION=(\S+)", text).group(1)  # type: ignore[union-attr]
-        if base.startswith("pytorch/pytorch:"):
-            assert base.split(":")[1].startswith(version + "-"), "tag and torch pin disagree"
+        env = " ".join(d["ENV"])
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env
+        assert "torch.version.cuda" in text, "the CUDA image must check torch is a CUDA build"
+        assert base.startswith(("python:", "nvidia/cuda:")), base
     else:
         assert "download.pytorch.org/whl/cpu" in text
 
@@ -623,3 +660,175 @@ def test_optional_tensor_parallel_deployment_launches_one_rank_per_gpu() -> None
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == _grpc_port(container)
     assert float(_flag(args, "--drain-grace-s") or DRAIN_DEFAULT_S) < 30
+
+
+# --------------------------------------------------------------------------- the cloud's flags
+
+
+def _serve_options() -> set[str]:
+    typer = pytest.importorskip("typer")
+    from cloud.cli import app
+
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    return {opt for param in command.params for opt in param.opts}
+
+
+def test_every_flag_the_deployment_passes_exists() -> None:
+    args = [str(a) for a in _cloud_container(_one("Deployment"))["args"]]
+    flags = {a.split("=")[0] for a in args if a.startswith("--")}
+    assert flags <= _serve_options(), flags - _serve_options()
+    for flag in ("--engine-stall-s", "--max-connection-age-s", "--max-connection-age-grace-s"):
+        assert flag in flags, f"the Deployment should state {flag}"
+
+
+def test_liveness_restarts_a_stuck_engine_within_a_bounded_time() -> None:
+    container = _cloud_container(_one("Deployment"))
+    args = [str(a) for a in container["args"]]
+    stall = float(_flag(args, "--engine-stall-s") or 60)
+    live = container["livenessProbe"]
+    window = live.get("periodSeconds", 10) * live.get("failureThreshold", 3)
+    # the server reports a stuck engine after `stall`; the kubelet restarts `window` later
+    assert stall + window <= 180, f"a hung engine would hold the pod for {stall + window} s"
+    assert live.get("timeoutSeconds", 1) < live.get("periodSeconds", 10)
+
+
+def test_connections_age_so_new_replicas_get_work() -> None:
+    args = [str(a) for a in _cloud_container(_one("Deployment"))["args"]]
+    age = float(_flag(args, "--max-connection-age-s") or 0)
+    grace = float(_flag(args, "--max-connection-age-grace-s") or 0)
+    assert 60 <= age <= 1800, "reconnect often enough to rebalance, rarely enough to keep caches"
+    assert grace >= 30, "calls in flight on an aged connection need time to finish"
+
+
+def test_gpu_nodes_are_selected_and_tolerated() -> None:
+    pod = _pod_spec(_one("Deployment"))
+    selected = pod.get("nodeSelector", {})
+    affinity = pod.get("affinity", {}).get("nodeAffinity", {})
+    assert any("gpu" in k for k in selected) or affinity, "schedule onto GPU nodes only"
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    env = {e["name"]: e.get("value") for e in _cloud_container(_one("Deployment"))["env"]}
+    assert env.get("PYTORCH_CUDA_ALLOC_CONF") == "expandable_segments:True"
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def _min_ready(deploy: dict[str, Any], replicas: int) -> int:
+    """Ready pods at the worst moment of a rollout (the Deployment controller's rule)."""
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    unavailable = rolling.get("maxUnavailable", "25%")
+    assert isinstance(unavailable, int), "state maxUnavailable as a number of pods"
+    return replicas - unavailable
+
+
+def _min_ready_in_drain(pdb: dict[str, Any], replicas: int) -> int:
+    """Ready pods at the worst moment of a node drain that the PDB allows."""
+    spec = pdb["spec"]
+    if "minAvailable" in spec:
+        return int(spec["minAvailable"])
+    return replicas - int(spec["maxUnavailable"])
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic-merge patch of maps (what the variant's patches use); null deletes."""
+    if not isinstance(base, dict) or not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+def _render_spare_gpu() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((SPARE_GPU / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../k8s"]
+    docs = [copy.deepcopy(d) for _, d in CORE_DOCS if d["kind"] != "Secret"]
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((SPARE_GPU / entry["path"]).read_text())
+        targets = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+        ]
+        assert len(targets) == 1, f"{entry['path']} patches nothing"
+        docs[targets[0]] = _merge(docs[targets[0]], patch)
+    return docs
+
+
+def test_kustomization_holds_every_core_manifest_but_the_example_secret() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    on_disk = {f.name for f in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
+    assert listed == on_disk
+
+
+def test_default_rollout_is_spare_less_and_says_what_it_costs() -> None:
+    deploy, hpa = _one("Deployment"), _one("HorizontalPodAutoscaler")
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxSurge"] == 0, "the default asks for no extra GPU"
+    replicas = hpa["spec"].get("minReplicas", 1)
+    # the stated cost: with one replica, a rollout or a drain has 0 ready pods for a load
+    assert _min_ready(deploy, replicas) == 0
+    assert _min_ready_in_drain(_one("PodDisruptionBudget"), replicas) == 0
+    readme = (DOCKER / "README.md").read_text()
+    assert "k8s-spare-gpu" in readme and "0 ready" in readme
+
+
+def test_spare_gpu_variant_never_has_zero_ready_pods() -> None:
+    docs = _render_spare_gpu()
+    for doc in docs:
+        kv.validate(doc, _schema_version(), strict=True)
+    deploy = _one("Deployment", [("", d) for d in docs])
+    pdb = _one("PodDisruptionBudget", [("", d) for d in docs])
+    hpa = _one("HorizontalPodAutoscaler", [("", d) for d in docs])
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0)
+    replicas = hpa["spec"]["minReplicas"]
+    assert replicas >= 2
+    for n in range(replicas, hpa["spec"]["maxReplicas"] + 1):
+        assert _min_ready(deploy, n) >= 1, f"a rollout at {n} replicas reaches 0 ready"
+        assert _min_ready_in_drain(pdb, n) >= 1, f"a drain at {n} replicas reaches 0 ready"
+        assert int(pdb["spec"]["minAvailable"]) < n, "the PDB must still allow a drain"
+    assert "maxUnavailable" not in pdb["spec"]
+    # the rest is the default's: probes, grace, drain
+    check_grpc_probes(deploy)
+    check_shutdown_timing(deploy)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_spare_gpu_variant_renders_the_same_with_kustomize() -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(SPARE_GPU)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout)}
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in _render_spare_gpu()}
+    assert rendered == ours
+
+
+# --------------------------------------------------------------------------- Gateway API
+
+
+def test_gateway_terminates_tls_and_hashes_on_the_session_header() -> None:
+    gateway = _one("Gateway", CRD_DOCS)
+    route = _one("GRPCRoute", CRD_DOCS)
+    policy = _one("BackendTrafficPolicy", CRD_DOCS)
+    assert gateway["apiVersion"] == route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    [listener] = gateway["spec"]["listeners"]
+    assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate"
+    assert listener["tls"]["certificateRefs"][0]["name"]
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    svc = _one("Service")
+    grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == [{"name": svc["metadata"]["name"], "port": grpc_port}]
+    services = {m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"]}
+    assert "specthink.v1.SpecThink" in services
+    assert policy["spec"]["targetRefs"][0]["name"] == route["metadata"]["name"]
+    hashing = policy["spec"]["loadBalancer"]
+    assert hashing["type"] == "ConsistentHash"
+    assert hashing["consistentHash"]["type"] == "Header"
+    assert hashing["consistentHash"]["header"]["name"].lower() == "x-session-id"

@@ -143,18 +143,22 @@ class _StepLayout:
                 q, keys[:d, :, :width], values[:d, :, :width], attn_mask=self.mask, scale=scaling
             )
             out[0, :d] = a.reshape(d, heads, dim)
+        group = heads // kv_heads
         for p in self.parts:
             n, end = len(p.tokens), p.start + len(p.tokens)
+            # packed like the decode rows: each KV head's query heads one after another
+            # ([1, kv heads, group x n, dim]), the causal mask repeated per head of the
+            # group; no `enable_gqa`, which only the math kernel takes with a mask
+            q = query[0, :, p.offset : p.offset + n].reshape(1, kv_heads, group * n, dim)
             causal = torch.ones((n, end), dtype=torch.bool, device=query.device).tril(p.start)
             a = F.scaled_dot_product_attention(
-                query[:, :, p.offset : p.offset + n],
+                q,
                 keys[p.slot : p.slot + 1, :, :end],
                 values[p.slot : p.slot + 1, :, :end],
-                attn_mask=causal,
+                attn_mask=causal.repeat(group, 1),
                 scale=scaling,
-                enable_gqa=heads != kv_heads,
             )
-            out[0, p.offset : p.offset + n] = a[0].transpose(0, 1)
+            out[0, p.offset : p.offset + n] = a.reshape(heads, n, dim).transpose(0, 1)
         return out
 
 

@@ -55,8 +55,10 @@ def engine(smol_either: TransformersEngine) -> TransformersEngine:
 
 
 def rows_only(engine: TransformersEngine) -> None:
+    """For what only the row engine has (byte budgets of growing caches; the paged one
+    keeps slots), or what both share and need not run twice (loading)."""
     if engine.kind != "rows":
-        pytest.skip("byte budgets of growing caches: the row engine's (paged: slots)")
+        pytest.skip("the row engine's (see rows_only)")
 
 
 @pytest.fixture()
@@ -411,6 +413,7 @@ def test_seeded_sampling_is_reproducible(engine, fresh_id):
 
 
 def test_second_load_uses_the_converted_folder(engine, gguf, engine_cache_dir, monkeypatch):
+    rows_only(engine)  # loading is the same for both paths
     import cloud.engine.weights
 
     gguf_loads: list[str] = []  # loads that read (and dequantize) the GGUF file itself

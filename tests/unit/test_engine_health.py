@@ -5,9 +5,11 @@ the engine loop reporting a scripted engine's failing steps."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
+from cloud import engine_api
 from cloud.engine_api import EngineCancelled
 from cloud.engine_thread import EngineThread
 from cloud.health import (
@@ -121,7 +123,14 @@ def test_a_cancelled_call_is_not_an_engine_failure() -> None:
 
 
 def _generate(loop: EngineThread, session: str) -> None:
-    list(loop.generate(session, [Message("user", "hi")], "abc", 2, Sampling(), (), lambda: False))
+    """One 2-token call through the loop (a request object where the engine API has one)."""
+    request_type = getattr(engine_api, "GenerateRequest", None)
+    if request_type is None:
+        call: Any = loop.generate
+        list(call(session, [Message("user", "hi")], "abc", 2, Sampling(), (), lambda: False))
+        return
+    request = request_type(session, (Message("user", "hi"),), "abc", 2, Sampling(), ())
+    list(loop.generate(request, lambda: False))
 
 
 def test_engine_loop_reports_every_step_and_each_step_error() -> None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from cloud.decoding import TextWriter
+from cloud.decoding import TextOutput
 from cloud.engine_api import Generated, Prefilled, Run, ShouldStop
 from cloud.session_cache import CachedSession
 from shared.wire import Sampling, TextChunk, Usage
@@ -36,14 +36,14 @@ class StepRun:
         session: str,
         prompt: list[int],
         should_stop: ShouldStop,
-        writer: TextWriter | None,
+        output: TextOutput | None,
         sampling: Sampling,
         seed: int,
     ) -> None:
         self.session = session
         self.prompt = prompt
         self.should_stop = should_stop
-        self.writer = writer  # None: a prefill call
+        self.output = output  # None: a prefill call
         self.sampling = sampling
         self.seed = seed  # the request's seed, or one drawn for it (`cloud.engine.sampling`)
         self.draws = 0  # tokens sampled so far: the sampler's counter for this seed
@@ -66,24 +66,24 @@ class StepRun:
     def done(self) -> bool:
         if self.s is None or self.prefilling:
             return False
-        return self.writer is None or self.writer.finish is not None
+        return self.output is None or self.output.finish is not None
 
     def take(self) -> list[TextChunk]:
-        return self.writer.take() if self.writer is not None else []
+        return self.output.take() if self.output is not None else []
 
     def outcome(self) -> Generated | Prefilled:
         prompt = len(self.prompt)
-        if self.writer is None:
+        if self.output is None:
             usage = Usage(prompt, self.cached, prompt - self.cached, 0)
             return Prefilled(usage=usage, prefill_s=self.t1 - self.t0)
-        assert self.writer.finish is not None
-        usage = Usage(prompt, self.cached, prompt - self.cached, self.writer.generated)
+        assert self.output.finish is not None
+        usage = Usage(prompt, self.cached, prompt - self.cached, self.output.generated)
         return Generated(
-            self.writer.finish,
+            self.output.finish,
             usage,
             prefill_s=self.t1 - self.t0,
             decode_s=max(0.0, (self.t2 or time.perf_counter()) - self.t1),
-            text=self.writer.text,
+            text=self.output.text,
         )
 
 

@@ -6,11 +6,14 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, version_flag
+
+if TYPE_CHECKING:
+    from cloud.engine_api import Engine
 
 app = typer.Typer(
     help="SpecThink cloud: the large model behind a gRPC API.",
@@ -284,6 +287,10 @@ def serve(
 class _StopLoading(Exception):
     """SIGTERM or SIGINT while the model loads: stop at once, nothing to drain."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 def _load(
     server: Any,
@@ -299,11 +306,12 @@ def _load(
     context_length: int = 0,
 ) -> Any:
     """Load the engine while the server already answers health (NOT_SERVING). A signal
-    meanwhile stops the process with 0; a load error is one line and exit 2. Returns with
-    the server's own signal handlers (drain) in place."""
+    meanwhile stops the process: SIGTERM (an orchestrator) with 0, SIGINT (Ctrl-C) with
+    130, as an interrupted command; a load error is one line and exit 2. Returns with the
+    server's own signal handlers (drain) in place."""
 
     def stop_loading(signum: int, frame: object) -> None:
-        raise _StopLoading()
+        raise _StopLoading(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_loading)
@@ -343,10 +351,10 @@ def _load(
         except (ValueError, OSError) as exc:
             server.stop_now()
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except _StopLoading:
+    except _StopLoading as stop:
         server.stop_now()
-        typer.echo("specthink-cloud: stopped while loading the model", err=True)
-        raise typer.Exit(0) from None
+        typer.echo(f"specthink-cloud: stopped while loading the model ({stop})", err=True)
+        raise typer.Exit(130 if stop.signum == signal.SIGINT else 0) from None
     finally:
         server.install_signal_handlers()
 
@@ -443,16 +451,15 @@ def _close_ranks(engine: Any) -> None:
         typer.echo(f"specthink-cloud: rank 0: calls sent: {calls}", err=True)
 
 
-def _warm_up(engine: object) -> None:
+def _warm_up(engine: Engine) -> None:
     """One tiny generation so the first real takeover does not pay for lazy init."""
+    from cloud.engine_api import GenerateRequest
     from shared.wire import Message, Sampling
 
-    session = "__warmup__"
-    for _ in engine.generate(  # type: ignore[attr-defined]
-        session, [Message("user", "Hi")], "", 2, Sampling(temperature=0), (), lambda: False
-    ):
+    warm = GenerateRequest("__warmup__", (Message("user", "Hi"),), "", 2, Sampling(temperature=0))
+    for _ in engine.generate(warm, lambda: False):
         pass
-    engine.drop(session)  # type: ignore[attr-defined]
+    engine.drop(warm.session)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """From sampled token ids to the text a takeover writes, and when it ends. No torch here.
 
 The engine samples; this module decides what those tokens *say* and whether the call
-goes on. One `TextWriter` per generate call, fed one sampled id at a time:
+goes on. One `TextOutput` per generate call, fed one sampled id at a time:
 
   stream    an incremental detokenizer turns ids into text, holding back a character
             whose UTF-8 bytes are split over tokens until it is complete
@@ -121,7 +121,7 @@ def is_word_char(c: str) -> bool:
     return c.isalnum() and not _unspaced(c)
 
 
-class TextWriter:
+class TextOutput:
     """One generate call's text: sampled ids in (`push`), chunks out (`take`), and the
     rule for when it ends (`wants_token`). `finish` is None until it has ended."""
 

@@ -5,20 +5,20 @@ scripted engine. The engine knows nothing of gRPC, auth, deltas or the takeover 
 it turns (conversation, assistant text) into more text, re-using a per-session KV cache
 for the longest common token prefix.
 
-Two levels:
-  Engine      one call at a time, as the servicer sees it (generate, prefill, ...)
-  StepEngine  the same calls cut into steps, so that `cloud.engine_thread.EngineThread`
-              can run many at once: a call is planned into a `Run` (in the caller's
-              thread: tokenize, check the context window), started (its session's cache
-              checked out, the common prefix kept), prefilled chunk by chunk, decoded
-              one token per step *together with every other running call* (one batched
-              forward), and finished (caches checked back in).
+Two levels, one request type (`GenerateRequest`) between them:
+  Engine      what the servicer calls: generate, prefill, count_tokens, drop. One
+              implementation, `cloud.engine_thread.EngineThread`: the one scheduler.
+  StepEngine  the model runner it schedules: a call is planned into a `Run` (in the
+              caller's thread: tokenize, check the context window), started (its
+              session's cache checked out, the common prefix kept), prefilled chunk by
+              chunk, decoded one token per step *together with every other running call*
+              (one batched forward), and finished (caches checked back in).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.wire import Message, Sampling, TextChunk, Usage
@@ -54,6 +54,21 @@ class Prefilled:
 
 
 @dataclass(frozen=True)
+class GenerateRequest:
+    """One call from the servicer to the engine: continue `assistant_text` after
+    `messages` in `session` (whose KV cache is reused for the longest common token
+    prefix), writing up to `max_tokens` (a prefill writes none) with `sampling`, ending
+    early at any of `stop`."""
+
+    session: str
+    messages: tuple[Message, ...]
+    assistant_text: str
+    max_tokens: int = 0
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class CacheStats:
     sessions: int
     bytes: int
@@ -80,31 +95,20 @@ class EngineContextFull(Exception):
 
 
 class Engine(Protocol):
+    """What the servicer calls (`cloud.engine_thread.EngineThread` implements it)."""
+
     info: EngineInfo
 
     def generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
+        self, request: GenerateRequest, should_stop: ShouldStop
     ) -> Iterator[TextChunk | Generated]:
-        """Continue `assistant_text` (rendered after `messages` with the model's chat
-        template, or as a plain prompt). Yields chunks as tokens decode, then one
-        Generated. Raises EngineCancelled / EngineContextFull."""
+        """Continue `request.assistant_text` (rendered after its messages with the model's
+        chat template, or as a plain prompt). Yields chunks as tokens decode, then one
+        Generated. Raises EngineCancelled / EngineContextFull / EngineOutOfMemory."""
         ...
 
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Prefilled:
-        """Bring the session's KV cache up to this text without generating."""
+    def prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> Prefilled:
+        """Bring the session's KV cache up to the request's text without generating."""
         ...
 
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int: ...
@@ -141,29 +145,23 @@ class Run(Protocol):
         ...
 
 
-class StepEngine(Engine, Protocol):
-    """An Engine whose calls can be run in steps, many at once (see the module doc)."""
+class StepEngine(Protocol):
+    """A model runner: calls cut into steps, many at once (see the module doc). Only the
+    engine loop (`cloud.engine_thread`) runs its steps."""
 
-    def plan_generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> Run:
+    info: EngineInfo
+
+    def plan_generate(self, request: GenerateRequest, should_stop: ShouldStop) -> Run:
         """Tokenize and check; no model work. Raises EngineContextFull / ValueError."""
         ...
 
-    def plan_prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Run: ...
+    def plan_prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> Run: ...
+
+    def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int: ...
+
+    def drop(self, session: str) -> bool: ...
+
+    def cache_stats(self) -> CacheStats: ...
 
     def start(self, run: Run) -> None:
         """Check the session's cache out and keep the longest common prefix."""

@@ -10,7 +10,7 @@ One step of the loop, in the order `_step` runs it:
   retire   calls whose caller stopped reading, was cancelled, superseded or ran past its
            deadline leave now (should_stop() is checked for every call, every step)
   admit    waiting calls join, first come first served, while fewer than `max_running`
-           run; a call waits while another call on its session runs (one writer each)
+           run; a call waits while another call on its session runs (one at a time each)
   prefill  ONE forward of prompt chunks, for the oldest calls still prefilling (as many
            as the engine's step budget holds): a long prompt delays the running
            decodes by one chunk per step, never by its whole length
@@ -38,13 +38,14 @@ from cloud.engine_api import (
     EngineCancelled,
     EngineOutOfMemory,
     Generated,
+    GenerateRequest,
     Prefilled,
     Run,
     ShouldStop,
     StepEngine,
 )
 from cloud.health import EngineHealth
-from shared.wire import Message, Sampling, TextChunk
+from shared.wire import Message, TextChunk
 
 _END = object()
 _CALM_STEPS = 32  # decode steps without an out-of-memory before one more call may run
@@ -244,28 +245,14 @@ class EngineThread:
                     pass  # ... and its cache is checked in before this returns
 
     def generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
+        self, request: GenerateRequest, should_stop: ShouldStop
     ) -> Iterator[TextChunk | Generated]:
-        run = self.engine.plan_generate(
-            session, messages, assistant_text, max_tokens, sampling, stop, should_stop
-        )  # raises EngineContextFull here, in the caller's thread
+        # planned here, in the caller's thread: EngineContextFull is raised at the call
+        run = self.engine.plan_generate(request, should_stop)
         return self._submit(_Call(run))
 
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Prefilled:
-        run = self.engine.plan_prefill(session, messages, assistant_text, should_stop)
+    def prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> Prefilled:
+        run = self.engine.plan_prefill(request, should_stop)
         (done,) = list(self._submit(_Call(run)))
         assert isinstance(done, Prefilled)
         return done

@@ -348,9 +348,10 @@ class CloudServer:
         if warm_up is not None:
             warm_up()
         self._canary = warm_up  # after a step error, the same tiny generation tests the engine
-        if not self.admission.closed:  # a drain during warm-up wins
-            self._phase = IN_SERVICE
-            self.check_health()
+        if self.admission.closed:  # a drain during warm-up wins: it never served
+            return
+        self._phase = IN_SERVICE
+        self.check_health()
         log.info(
             json.dumps(
                 {

@@ -10,7 +10,7 @@ A takeover, as `_takeover` runs it:
   write    -> stream the preamble, then the engine's n tokens
   verify   -> if the written text has a verification keyword, n2 more tokens, same call
   commit   -> record the session's new text, only if the caller is still there and the
-              session's writer, then send the final message (the session keeps accepting
+              session's turn, then send the final message (the session keeps accepting
               the previous base too, in case that message never arrives)
 
 A text that does not fit the model's context window is not an error: the takeover ends
@@ -26,6 +26,7 @@ text appear only with `log_prompts`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -47,6 +48,7 @@ from cloud.engine_api import (
     EngineContextFull,
     EngineOutOfMemory,
     Generated,
+    GenerateRequest,
 )
 from cloud.metrics import Metrics
 from cloud.sessions import SessionStore, engine_key
@@ -57,6 +59,7 @@ from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
+    FullText,
     Message,
     Sampling,
     TakeoverDone,
@@ -64,6 +67,7 @@ from shared.wire import (
     TextDelta,
     Timings,
     Usage,
+    WriteSpec,
     chunk_to_pb,
     done_to_pb,
     sampling_from_pb,
@@ -93,6 +97,30 @@ class CallLog:
     request_id: str
     started: float
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+_Fields = TypeVar("_Fields")  # what a call checks besides the text (`_accept`)
+# Characters per token, roughly, for admission's cost estimate before tokenizing.
+_CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class _Accepted:
+    """A call that passed the checks (`_accept`) and holds its session's turn to write."""
+
+    key: str  # the engine's session key (the caller's key id + session id)
+    messages: tuple[Message, ...]
+    text: str  # the session's text with this call's delta applied
+    base: str | None  # the text the delta was applied to (None: the full text was sent)
+    delta_chars: int | None
+    turn: int
+    superseded: threading.Event
+    should_stop: Callable[[], bool]
+
+    @property
+    def cost(self) -> int:
+        """Admission's estimate of the prompt's tokens."""
+        return len(self.text) // _CHARS_PER_TOKEN
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
@@ -243,43 +271,65 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         finally:
             self._gauge_load()
 
-    def _takeover(
-        self, request: pb.TakeoverRequest, context: grpc.ServicerContext, call: CallLog
-    ) -> Iterator[pb.TakeoverEvent]:
-        # check
-        key = self._session_key(context, call, request.session_id)
-        body = validation.text(text_from_pb(request), self.limits)
-        sampling = validation.sampling(sampling_from_pb(request.sampling))
-        write = validation.write(write_from_pb(request.write), self.limits)
+    def _accept(
+        self,
+        context: grpc.ServicerContext,
+        call: CallLog,
+        session_id: str,
+        sent: FullText | TextDelta | None,
+        fields: Callable[[], _Fields],
+    ) -> tuple[_Accepted, _Fields]:
+        """The checks every call that writes a session's text passes, in order: auth and
+        session id, the text's fields, the call's own `fields` (sampling, what to write),
+        not draining, a model loaded, the delta resolved against the session's text and
+        its size; then the session's turn is taken."""
+        key = self._session_key(context, call, session_id)
+        body = validation.text(sent, self.limits)
+        checked = fields()
         self._refuse_when_draining()
         self._model()
         messages, text = self.sessions.resolve(key, body)
         validation.resolved_size(messages, text, self.limits)
-        base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
-        call.fields["delta_chars"] = len(body.append) if isinstance(body, TextDelta) else None
-        writer, superseded = self.sessions.begin_write(key, messages)
-        should_stop = self._should_stop(context, superseded)
+        delta = body.append if isinstance(body, TextDelta) else None
+        turn, superseded = self.sessions.begin_write(key, messages)
+        accepted = _Accepted(
+            key=key,
+            messages=messages,
+            text=text,
+            base=text[: len(text) - len(delta)] if delta is not None else None,
+            delta_chars=len(delta) if delta is not None else None,
+            turn=turn,
+            superseded=superseded,
+            should_stop=self._should_stop(context, superseded),
+        )
+        return accepted, checked
+
+    def _takeover(
+        self, request: pb.TakeoverRequest, context: grpc.ServicerContext, call: CallLog
+    ) -> Iterator[pb.TakeoverEvent]:
+        # check
+        def fields() -> tuple[Sampling, WriteSpec]:
+            sampling = validation.sampling(sampling_from_pb(request.sampling))
+            return sampling, validation.write(write_from_pb(request.write), self.limits)
+
+        acc, (sampling, write) = self._accept(
+            context, call, request.session_id, text_from_pb(request), fields
+        )
+        call.fields["delta_chars"] = acc.delta_chars
+        key, messages, text, should_stop = acc.key, acc.messages, acc.text, acc.should_stop
         # queue
         self.metrics.set("waiting", self.admission.waiting + 1)
-        with self.admission.slot(len(text) // 4, should_stop) as ticket:
+        with self.admission.slot(acc.cost, should_stop) as ticket:
             self._gauge_load()
             self.metrics.observe("queue", ticket.queue_s)
             # write
             written = write.preamble
             if write.preamble:
                 yield chunk_to_pb(TextChunk(write.preamble, 0))
-            result = yield from self._generate(
-                key,
-                messages,
-                text + written,
-                write.max_tokens,
-                sampling,
-                write.stop,
-                should_stop,
-                context,
-                superseded,
-                call.started,
+            ask = GenerateRequest(
+                key, messages, text + written, write.max_tokens, sampling, write.stop
             )
+            result = yield from self._generate(ask, acc, context, call.started)
             written += result.text
             usage, prefill_s, decode_s = result.usage, result.prefill_s, result.decode_s
             # verify: the continuation runs in the same call when a keyword was written
@@ -287,18 +337,10 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
             if result.finish_reason == FINISH_LENGTH and write.continue_tokens:
                 continued_on = continuation_keyword(result.text, write.continue_if)
             if continued_on:
-                more = yield from self._generate(
-                    key,
-                    messages,
-                    text + written,
-                    write.continue_tokens,
-                    sampling,
-                    write.stop,
-                    should_stop,
-                    context,
-                    superseded,
-                    None,
+                ask = dataclasses.replace(
+                    ask, assistant_text=text + written, max_tokens=write.continue_tokens
                 )
+                more = yield from self._generate(ask, acc, context, None)
                 written += more.text
                 usage = Usage(
                     usage.prompt_tokens,
@@ -313,8 +355,8 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         # nothing it will not receive is committed
         committed = text + written
         if should_stop():
-            raise self._why_stopped(context, superseded)
-        if not self.sessions.commit(key, writer, messages, committed, base):
+            raise self._why_stopped(context, acc.superseded)
+        if not self.sessions.commit(key, acc.turn, messages, committed, acc.base):
             raise errors.Cancelled("superseded by a newer call on the same session")
         length, digest = text_digest(committed)
         yield done_to_pb(
@@ -331,27 +373,21 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
 
     def _generate(
         self,
-        key: str,
-        messages: tuple[Message, ...],
-        text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: tuple[str, ...],
-        should_stop: Callable[[], bool],
+        request: GenerateRequest,
+        acc: _Accepted,
         context: grpc.ServicerContext,
-        superseded: threading.Event,
         started: float | None,
     ) -> Generator[pb.TakeoverEvent, None, Generated]:
         """Stream the engine's chunks; the generator's return value is the Generated.
+        `started`: when the call began, to observe its time to first token (None: not
+        this stretch).
 
         A text that does not fit the context window ends the stretch normally with
         CONTEXT_FULL and what was streamed of it (nothing, if the prompt alone does not
         fit): the caller goes on without the cloud; it is not a bad request."""
         streamed, tokens = "", 0
         try:
-            for item in self._model().generate(
-                key, messages, text, max_tokens, sampling, stop, should_stop
-            ):
+            for item in self._model().generate(request, acc.should_stop):
                 if isinstance(item, Generated):
                     return item
                 if started is not None:
@@ -360,7 +396,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 streamed, tokens = streamed + item.text, tokens + item.tokens
                 yield chunk_to_pb(item)
         except EngineCancelled:
-            raise self._why_stopped(context, superseded) from None
+            raise self._why_stopped(context, acc.superseded) from None
         except EngineContextFull:
             return Generated(FINISH_CONTEXT_FULL, Usage(0, 0, 0, tokens), 0.0, 0.0, streamed)
         except EngineOutOfMemory:  # it ran out of device memory alone: try again later
@@ -409,32 +445,27 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
 
         def work() -> pb.PrefillResponse:
             req = _parsed(request)
-            key = self._session_key(context, call, req.session_id)
-            body = validation.text(text_from_pb(req), self.limits)
-            self._refuse_when_draining()
-            engine = self._model()
-            messages, text = self.sessions.resolve(key, body)
-            validation.resolved_size(messages, text, self.limits)
-            base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
-            writer, superseded = self.sessions.begin_write(key, messages)
-            should_stop = self._should_stop(context, superseded)
+            acc, _ = self._accept(context, call, req.session_id, text_from_pb(req), lambda: None)
             try:
-                with self.admission.slot(len(text) // 4, should_stop) as ticket:
+                with self.admission.slot(acc.cost, acc.should_stop) as ticket:
                     self._gauge_load()
                     try:
-                        done = engine.prefill(key, messages, text, should_stop)
+                        done = self._model().prefill(
+                            GenerateRequest(acc.key, acc.messages, acc.text), acc.should_stop
+                        )
                     except EngineCancelled:
-                        raise self._why_stopped(context, superseded) from None
+                        raise self._why_stopped(context, acc.superseded) from None
                     except EngineContextFull:  # nothing to warm: a takeover would say CONTEXT_FULL
                         raise errors.TextTooLong(
                             "text does not fit the model's context window"
                         ) from None
             finally:
                 self._gauge_load()
-            if should_stop():
-                raise self._why_stopped(context, superseded)
-            if not self.sessions.commit(key, writer, messages, text, base):
+            if acc.should_stop():
+                raise self._why_stopped(context, acc.superseded)
+            if not self.sessions.commit(acc.key, acc.turn, acc.messages, acc.text, acc.base):
                 raise errors.Cancelled("superseded by a newer call on the same session")
+            text = acc.text
             length, digest = text_digest(text)
             self._log(
                 call,

@@ -1,4 +1,4 @@
-"""The text side of cloud sessions: what each session holds, deltas, and one writer each.
+"""The text side of cloud sessions: what each session holds, deltas, and one call at a time each.
 
 A session is private to the API key that made it: the store is keyed by (key id,
 session id), so one key can never name another's session. It holds the conversation
@@ -28,12 +28,12 @@ class SessionText:
     messages: tuple[Message, ...]
     committed: str
     last_use: float
-    writer: int = 0  # generation number of the call allowed to write
+    turn: int = 0  # the number of the call whose turn it is to write (the latest)
     confirmed: bool = False  # a call committed text (a delta may extend it)
     # the base the last committing call started from (messages, text): its caller may
     # not have received the final message naming `committed`, so a delta may name this
     previous: tuple[tuple[Message, ...], str] | None = None
-    cancel_writer: threading.Event = field(default_factory=threading.Event)
+    cancel_turn: threading.Event = field(default_factory=threading.Event)
 
 
 def engine_key(key_id: str, session_id: str) -> str:
@@ -90,7 +90,7 @@ class SessionStore:
             )
 
     def begin_write(self, key: str, messages: tuple[Message, ...]) -> tuple[int, threading.Event]:
-        """Make the caller the session's one writer; an older call in flight is superseded
+        """Give the caller the session's turn to write; an older call in flight is superseded
         (its cancel event is set, and it stops at its next step without committing)."""
         with self._lock:
             held = self._sessions.get(key)
@@ -98,27 +98,27 @@ class SessionStore:
                 held = SessionText(messages, "", self.clock())
                 self._sessions[key] = held
             else:
-                held.cancel_writer.set()
-                held.cancel_writer = threading.Event()
-            held.writer += 1
+                held.cancel_turn.set()
+                held.cancel_turn = threading.Event()
+            held.turn += 1
             held.last_use = self.clock()
             self._sessions.move_to_end(key)
-            return held.writer, held.cancel_writer
+            return held.turn, held.cancel_turn
 
     def commit(
         self,
         key: str,
-        writer: int,
+        turn: int,
         messages: tuple[Message, ...],
         text: str,
         base: str | None = None,
     ) -> bool:
-        """Record the session's text, if `writer` is still its writer. `base`: the held
+        """Record the session's text, if it is still call `turn`'s turn. `base`: the held
         text the call's delta named (None for a full text); it stays acceptable as a
         delta base until the next commit, in case the caller never hears of this one."""
         with self._lock:
             held = self._sessions.get(key)
-            if held is None or held.writer != writer:
+            if held is None or held.turn != turn:
                 return False
             if base is not None:
                 held.previous = (messages, base)
@@ -129,9 +129,9 @@ class SessionStore:
             return True
 
     def drop(self, key: str) -> bool:
-        """Forget a session (cancelling its writer); True if it held committed text."""
+        """Forget a session (cancelling the call whose turn it is); True if it held committed text."""
         with self._lock:
             held = self._sessions.pop(key, None)
             if held is not None:
-                held.cancel_writer.set()
+                held.cancel_turn.set()
             return held is not None and held.confirmed

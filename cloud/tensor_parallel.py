@@ -44,13 +44,10 @@ from cloud.engine_api import (
     CacheStats,
     EngineCancelled,
     EngineInfo,
-    Generated,
-    Prefilled,
     Run,
-    ShouldStop,
     StepEngine,
 )
-from shared.wire import Message, Sampling, TextChunk
+from shared.wire import Message, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -337,52 +334,6 @@ class ReplicatedStepEngine:
 
     def cache_stats(self) -> CacheStats:
         return self.engine.cache_stats()
-
-    # ---- one call at a time (Engine), through the replicated steps ---------------------
-
-    def generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> Iterator[TextChunk | Generated]:
-        run = self.plan_generate(
-            session, messages, assistant_text, max_tokens, sampling, stop, should_stop
-        )
-        return self._one(run)
-
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Prefilled:
-        run = self.plan_prefill(session, messages, assistant_text, should_stop)
-        *_, out = self._one(run)
-        assert isinstance(out, Prefilled)
-        return out
-
-    def _one(self, run: Run) -> Iterator[Any]:
-        self.start(run)
-        try:
-            while run.prefilling:
-                if run.should_stop():
-                    raise EngineCancelled("cancelled during prefill")
-                self.prefill_step([run], sharing=False)
-                yield from run.take()
-            while not run.done:
-                if run.should_stop():
-                    raise EngineCancelled("cancelled during decode")
-                self.decode_step([run])
-                yield from run.take()
-        finally:
-            self.finish([run])
-        yield run.outcome()
 
 
 def follow(engine: StepEngine, channel: Channel, clock: SharedClock) -> Counter[str]:

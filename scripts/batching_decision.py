@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.generation import ContinuousBatchingConfig
 
     from cloud.engine import PagedEngine, TransformersEngine
+    from cloud.engine_api import GenerateRequest
     from shared.wire import Message, Sampling
 
     torch.set_num_threads(args.threads)
@@ -71,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         engine = engines[name]
         runs = []
         for i in range(n):
-            run = engine.plan_generate(
-                f"rows-{i}-{time.monotonic_ns()}", msgs, "", NEW, greedy, (), lambda: False
-            )
+            ask = GenerateRequest(f"rows-{i}-{time.monotonic_ns()}", tuple(msgs), "", NEW, greedy)
+            run = engine.plan_generate(ask, lambda: False)
             run.prompt = list(prompts[i])
-            assert run.writer is not None
-            run.writer.extra = 0  # exactly NEW tokens, as the manager writes
+            assert run.output is not None
+            run.output.extra = 0  # exactly NEW tokens, as the manager writes
             runs.append(run)
         started = time.perf_counter()
         for r in runs:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.decode_step([r for r in runs if not r.done])
         engine.finish(runs)
         wall = time.perf_counter() - started
-        tokens = sum(r.writer.generated for r in runs if r.writer is not None)
+        tokens = sum(r.output.generated for r in runs if r.output is not None)
         for r in runs:
             engine.drop(r.session)
         return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}

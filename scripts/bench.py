@@ -146,16 +146,16 @@ def bench_edge(rig: Rig, rep: Report, quick: bool) -> None:
 
 
 def bench_cloud(rig: Rig, rep: Report, quick: bool) -> None:
-    """A takeover of N tokens over gRPC vs engine.generate of N tokens, same warm cache."""
+    """A takeover of N tokens over gRPC vs the engine loop's generate of N tokens, same warm cache."""
     from cloud.auth import ANONYMOUS
-    from cloud.engine_api import Generated
+    from cloud.engine_api import Generated, GenerateRequest
     from cloud.sessions import engine_key
     from shared.wire import FullText, TakeoverCall, TakeoverDone, TextChunk, WriteSpec
 
     msgs = user("Write a long story about a lighthouse keeper.")
     context = STORY
     grpc_sid, direct_key = "bench-ovh-grpc", engine_key(ANONYMOUS, "bench-ovh-direct")
-    engine, client = rig.engine, rig.client
+    client, loop = rig.client, rig.loop
 
     def over_grpc(n: int) -> dict[str, float]:
         call = TakeoverCall(
@@ -174,7 +174,11 @@ def bench_cloud(rig: Rig, rep: Report, quick: bool) -> None:
 
     def direct(n: int) -> dict[str, float]:
         started = time.perf_counter()
-        items = list(engine.generate(direct_key, msgs, context, n, greedy(), (), lambda: False))
+        items = list(
+            loop.generate(
+                GenerateRequest(direct_key, tuple(msgs), context, n, greedy()), lambda: False
+            )
+        )
         wall = time.perf_counter() - started
         done = items[-1]
         assert isinstance(done, Generated)
@@ -200,7 +204,7 @@ def bench_cloud(rig: Rig, rep: Report, quick: bool) -> None:
         }
         rep.row(
             "cloud",
-            f"takeover of {n} tok over gRPC / direct engine.generate, tok/s",
+            f"takeover of {n} tok over gRPC / direct to the engine loop, tok/s",
             f"{ratio:.3f}  ({median([a['tok_s'] for a, _ in pairs_]):.2f} vs "
             f"{median([b['tok_s'] for _, b in pairs_]):.2f} tok/s)",
             ">= 0.90",
@@ -260,10 +264,10 @@ def bench_prefill(rig: Rig, rep: Report, quick: bool) -> None:
     """Warm session (only the new text is prefilled) vs a dropped one (everything is),
     at several context lengths; and the session cache's bytes per 1k tokens."""
     from cloud.auth import ANONYMOUS
-    from cloud.engine_api import Generated
+    from cloud.engine_api import Generated, GenerateRequest
     from cloud.sessions import engine_key
 
-    engine = rig.engine
+    engine, loop = rig.engine, rig.loop
     msgs = user("Continue the story.")
     delta = " The next morning a small boat appeared on the horizon, rowing hard against the tide."
     sizes = ((500, 1),) if quick else ((500, 2), (1000, 2), (2000, 1))
@@ -274,14 +278,16 @@ def bench_prefill(rig: Rig, rep: Report, quick: bool) -> None:
         context = _context_of(engine, msgs, size)
         engine.drop(key)
         before = engine.cache_stats().bytes
-        engine.prefill(key, msgs, context, lambda: False)
+        loop.prefill(GenerateRequest(key, tuple(msgs), context), lambda: False)
         held = engine.count_tokens(msgs, context)
         per_1k.append((engine.cache_stats().bytes - before) / held * 1000)
 
         def call(key: str = key, context: str = context) -> dict[str, Any]:
             started = time.perf_counter()
             done = list(
-                engine.generate(key, msgs, context + delta, 1, greedy(), (), lambda: False)
+                loop.generate(
+                    GenerateRequest(key, tuple(msgs), context + delta, 1, greedy()), lambda: False
+                )
             )[-1]
             assert isinstance(done, Generated)
             return {
@@ -291,7 +297,9 @@ def bench_prefill(rig: Rig, rep: Report, quick: bool) -> None:
             }
 
         def warm(key: str = key, context: str = context) -> dict[str, Any]:
-            engine.prefill(key, msgs, context, lambda: False)  # back to exactly `context` (untimed)
+            loop.prefill(
+                GenerateRequest(key, tuple(msgs), context), lambda: False
+            )  # back to exactly `context` (untimed)
             return call()
 
         def cold(key: str = key) -> dict[str, Any]:

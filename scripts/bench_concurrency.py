@@ -28,6 +28,7 @@ Figures (all ratios of runs in this process, interleaved where paired):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -357,7 +358,8 @@ def bench_dtype(rig: Any, rep: Any, quick: bool, cloud_model: Path) -> None:
     import inspect
 
     from cloud.engine import TransformersEngine
-    from cloud.engine_api import Generated
+    from cloud.engine_api import Generated, GenerateRequest
+    from cloud.engine_thread import EngineThread
     from shared.wire import Message, Sampling
 
     if "dtype" not in inspect.signature(TransformersEngine.load).parameters:
@@ -371,14 +373,15 @@ def bench_dtype(rig: Any, rep: Any, quick: bool, cloud_model: Path) -> None:
     msgs = [Message("user", "Write a long story about a lighthouse keeper.")]
     n, pairs = (16, 1) if quick else (32, 3)
 
+    loops = {name: EngineThread(engine) for name, engine in engines.items()}
+
     def decode(name: str) -> dict[str, float]:
-        engine = engines[name]
+        loop = loops[name]
         key = f"dtype-{name}"
-        list(engine.generate(key, msgs, OPENING, 1, Sampling(temperature=0), (), lambda: False))
-        done = list(
-            engine.generate(key, msgs, OPENING, n, Sampling(temperature=0), (), lambda: False)
-        )[-1]
-        engine.drop(key)
+        ask = GenerateRequest(key, tuple(msgs), OPENING, 1, Sampling(temperature=0))
+        list(loop.generate(ask, lambda: False))
+        done = list(loop.generate(dataclasses.replace(ask, max_tokens=n), lambda: False))[-1]
+        loop.drop(key)
         assert isinstance(done, Generated)
         tokens = done.usage.generated_tokens
         return {"tokens": tokens, "decode_s": done.decode_s, "tok_s": tokens / done.decode_s}

@@ -153,8 +153,9 @@ class Rig:
         # as `specthink-cloud serve` does: all model work on one engine thread, admission
         # following its batch limit
         self.server = CloudServer(None, ServerOptions(port=0, reflection=False))
-        self.server.attach(EngineThread(self.engine))
-        self.server.start(warm_up=lambda: _warm_up(self.engine))
+        self.loop = EngineThread(self.engine)  # "direct" calls go here, as the server's do
+        self.server.attach(self.loop)
+        self.server.start(warm_up=lambda: _warm_up(self.loop))
         self.address = self.server.address
         self.client = self.connect(self.address)
 

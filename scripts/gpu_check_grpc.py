@@ -25,6 +25,7 @@ def grpc_takeovers(engine: Any, tag: str) -> dict[str, Any]:
     """A CloudServer around EngineThread(engine) on 127.0.0.1, as `serve` runs it; for 1 and
     16 sessions at once, each session takes over GRPC_ROUNDS times (its full text, then that
     text + what it was written + a stretch of its own), through the stub of shared/rpc."""
+    from cloud.engine_api import GenerateRequest
     from cloud.engine_thread import EngineThread
     from cloud.server import CloudServer, ServerOptions
     from shared.rpc import specthink_pb2 as pb
@@ -38,11 +39,10 @@ def grpc_takeovers(engine: Any, tag: str) -> dict[str, Any]:
     server.attach(loop)
 
     def warm_up() -> None:
-        for _ in loop.generate(
-            "__warmup__", [Message("user", "Hi")], "", 2, greedy(), (), lambda: False
-        ):
+        warm = GenerateRequest("__warmup__", (Message("user", "Hi"),), "", 2, greedy())
+        for _ in loop.generate(warm, lambda: False):
             pass
-        loop.drop("__warmup__")
+        loop.drop(warm.session)
 
     opening = filler(engine.tokenizer, 60, seed=7)
     out: dict[str, Any] = {"address": server.address, "max_running": loop.max_running}

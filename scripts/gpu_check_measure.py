@@ -101,18 +101,20 @@ def started_runs(
     what follows); on exit they are finished and their sessions dropped, whatever
     happened. Past `deadline` (monotonic) the prefill stops with OutOfTime; `progress`
     is kept up to date with the tokens whose KV is computed."""
+    from cloud.engine_api import GenerateRequest
     from shared.wire import Message
 
     progress = progress if progress is not None else {}
     messages = [Message("user", "Continue the story.")]
     runs = [
         engine.plan_generate(
-            f"{tag}-{i}",
-            messages,
-            f"({i}) " + filler(engine.tokenizer, prompt_tokens, seed=i),
-            max_tokens,
-            greedy(),
-            (),
+            GenerateRequest(
+                f"{tag}-{i}",
+                tuple(messages),
+                f"({i}) " + filler(engine.tokenizer, prompt_tokens, seed=i),
+                max_tokens,
+                greedy(),
+            ),
             lambda: False,
         )
         for i in range(n)
@@ -199,8 +201,10 @@ def decode_sweep(check: Check, engine: Any, shape: Shape, tag: str) -> dict[str,
 
 
 def prefill_2k(engine: Any, tag: str) -> dict[str, Any]:
-    """One PREFILL_TOKENS prompt, the engine's own chunking (Engine.prefill), twice on fresh
-    sessions; the faster counts (the first may still pay for lazy init)."""
+    """One PREFILL_TOKENS prompt, the engine's own chunking (its prefill steps, as the engine
+    loop runs them), twice on fresh sessions; the faster counts (the first may still pay
+    for lazy init)."""
+    from cloud.engine_api import GenerateRequest
     from shared.wire import Message
 
     messages = [Message("user", "Continue the story.")]
@@ -210,7 +214,14 @@ def prefill_2k(engine: Any, tag: str) -> dict[str, Any]:
         session = f"{tag}-pre{i}"
         sync(engine.device)
         t = time.perf_counter()
-        done = engine.prefill(session, messages, text, lambda: False)
+        run = engine.plan_prefill(GenerateRequest(session, tuple(messages), text), lambda: False)
+        engine.start(run)
+        try:
+            while run.prefilling:
+                engine.prefill_step([run], sharing=False)
+        finally:
+            engine.finish([run])
+        done = run.outcome()
         sync(engine.device)
         wall = time.perf_counter() - t
         engine.drop(session)

@@ -21,7 +21,7 @@ One call, in the order the code runs it:
 4. decode    one token per step for every decoding call in ONE forward: their caches are
              the rows of a left-padded batch (`cloud.batching`), each token at its own position,
              the padding masked; calls join and leave the batch between steps.
-             `cloud.decoding.TextWriter` turns tokens into text and says when the call
+             `cloud.decoding.TextOutput` turns tokens into text and says when the call
              ends (EOS, max_tokens, a stop string, a full context window; a character or
              word left unfinished at max_tokens gets a few more tokens)
 5. finish    the session holds exactly the ids whose KV is computed; it is checked back

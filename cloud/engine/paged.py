@@ -267,14 +267,13 @@ class PagedEngine(TransformersEngine):
 
     def finish(self, runs: Sequence[Run]) -> None:
         mine = [own(r) for r in runs]
-        with self._model_lock:
-            self._staged = [p for p in self._staged if p.run not in mine]
-            for run in mine:
-                if run.s is not None and isinstance(run.s.cache, Slot):
-                    self.pool.carry_out(self.pool.table.leave(run.s.cache))
-                if run.s is not None:
-                    run.t2 = time.perf_counter()
-                    self.caches.checkin(run.session, run.s)
+        self._staged = [p for p in self._staged if p.run not in mine]
+        for run in mine:
+            if run.s is not None and isinstance(run.s.cache, Slot):
+                self.pool.carry_out(self.pool.table.leave(run.s.cache))
+            if run.s is not None:
+                run.t2 = time.perf_counter()
+                self.caches.checkin(run.session, run.s)
 
     def _settle(self, decoding: Sequence[StepRun]) -> list[StepRun]:
         """Make slots [0, D) exactly the decoding runs'; returns them in slot order."""
@@ -294,7 +293,7 @@ class PagedEngine(TransformersEngine):
         if not decoding and not parts:
             return
         started = time.perf_counter()
-        with self._model_lock, torch.inference_mode():
+        with torch.inference_mode():
             rows = self._settle(decoding)
             ids: list[int] = [r.pending for r in rows]  # type: ignore[misc]
             positions = [len(r.s.ids) for r in rows]  # type: ignore[union-attr]

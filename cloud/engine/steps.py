@@ -7,9 +7,8 @@ Knows nothing about gRPC, auth, deltas or the policy: text in, text out.
 from __future__ import annotations
 
 import inspect
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from transformers import DynamicCache
 
 from cloud import memory
 from cloud.batching import DecodeBatch, StepRun, own
-from cloud.decoding import IncrementalDetokenizer, TextWriter
+from cloud.decoding import IncrementalDetokenizer, TextOutput
 from cloud.engine.kv import (
     as_out_of_memory,
     cache_bytes,
@@ -33,18 +32,16 @@ from cloud.engine.sampling import fresh_seed, sample_rows
 from cloud.engine.weights import load_weights
 from cloud.engine_api import (
     CacheStats,
-    EngineCancelled,
     EngineContextFull,
     EngineInfo,
-    Generated,
-    Prefilled,
+    GenerateRequest,
     Run,
     ShouldStop,
     StepEngine,
 )
 from cloud.session_cache import CachedSession, SessionCaches
 from shared.prompting import join_prompt, plain_prompt
-from shared.wire import Message, Sampling, TextChunk
+from shared.wire import Message, Sampling
 
 # Prompt tokens handed to the detokenizer as context, so the first generated token
 # decodes with the right leading space / byte merges.
@@ -90,7 +87,6 @@ class TransformersEngine:
         self.prefill_chunk = max(1, prefill_chunk)
         self.sharing_target_s = _SHARING_TARGET_S
         self._prefill_rate: float | None = None  # prefill tokens/s, smoothed
-        self._model_lock = threading.RLock()  # the engine thread's steps vs a direct call
         self._batch = DecodeBatch(cache_of)  # the decoding runs
         self._rows = DecodeBatch(cache_of)  # runs prefilled together, for one step
 
@@ -278,50 +274,35 @@ class TransformersEngine:
                 f"prompt is {len(prompt)} tokens; the context window is {self.context_length}"
             )
 
-    def plan_generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> StepRun:
-        prompt = self.tokenize(messages, assistant_text)
+    def plan_generate(self, request: GenerateRequest, should_stop: ShouldStop) -> StepRun:
+        prompt = self.tokenize(request.messages, request.assistant_text)
         self._check_fits(prompt)
-        writer = TextWriter(
+        output = TextOutput(
             IncrementalDetokenizer(self.tokenizer, prompt[-_DETOK_CONTEXT:]),
-            max_tokens=max_tokens,
-            stop=stop,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
             eos=self._eos,
             room=self.context_length - len(prompt),
         )
+        sampling = request.sampling
         seed = sampling.seed if sampling.seed is not None else fresh_seed()
-        return StepRun(session, prompt, should_stop, writer, sampling, seed)
+        return StepRun(request.session, prompt, should_stop, output, sampling, seed)
 
-    def plan_prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> StepRun:
-        prompt = self.tokenize(messages, assistant_text)
+    def plan_prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> StepRun:
+        prompt = self.tokenize(request.messages, request.assistant_text)
         self._check_fits(prompt)
-        return StepRun(session, prompt, should_stop, None, Sampling(), 0)
+        return StepRun(request.session, prompt, should_stop, None, Sampling(), 0)
 
     # ---- the phases (the engine thread) -----------------------------------------------
 
     def start(self, run: Run) -> None:
         """Check the session's cache out; keep the longest common prefix."""
         run = own(run)
-        with self._model_lock:
-            run.t0 = time.perf_counter()
-            run.s = self.caches.checkout(run.session)
-            run.cached = self._reuse(run.s, run.prompt, need_logits=run.writer is not None)
-            if not run.prefilling:
-                run.t1 = time.perf_counter()
+        run.t0 = time.perf_counter()
+        run.s = self.caches.checkout(run.session)
+        run.cached = self._reuse(run.s, run.prompt, need_logits=run.output is not None)
+        if not run.prefilling:
+            run.t1 = time.perf_counter()
 
     def prefill_step(self, runs: Sequence[Run], sharing: bool) -> None:
         """One chunk of the first run's prompt, and chunks of the same length for as many
@@ -334,7 +315,7 @@ class TransformersEngine:
         width = min(mine[0].remaining, budget)
         group = mine[: max(1, budget // width)]
         started = time.perf_counter()
-        with self._model_lock, torch.inference_mode():
+        with torch.inference_mode():
             try:
                 if len(group) == 1:
                     s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
@@ -362,7 +343,7 @@ class TransformersEngine:
 
     def decode_step(self, runs: Sequence[Run]) -> None:
         """One token for every run: their pending tokens through the model as one batch."""
-        with self._model_lock, torch.inference_mode():
+        with torch.inference_mode():
             batch = self._batch
             batch.settle([own(r) for r in runs])
             before = batch.length
@@ -383,20 +364,19 @@ class TransformersEngine:
     def finish(self, runs: Sequence[Run]) -> None:
         """Check the runs' caches back in; batch rows are given back first, together."""
         mine = [own(r) for r in runs]
-        with self._model_lock:
-            self._batch.release([r for r in mine if r.in_batch])
-            for run in mine:
-                if run.s is not None:
-                    run.t2 = time.perf_counter()
-                    self.caches.checkin(run.session, run.s)
+        self._batch.release([r for r in mine if r.in_batch])
+        for run in mine:
+            if run.s is not None:
+                run.t2 = time.perf_counter()
+                self.caches.checkin(run.session, run.s)
 
     def _advance(self, run: StepRun, token: int) -> None:
-        """A sampled token becomes the run's next (pending) token; the writer decides
+        """A sampled token becomes the run's next (pending) token; its output decides
         whether the call goes on (it sets `finish` when not)."""
-        assert run.writer is not None
-        run.writer.push(token)
+        assert run.output is not None
+        run.output.push(token)
         run.pending = token
-        run.writer.wants_token()
+        run.output.wants_token()
 
     def _pick_rows(self, runs: Sequence[StepRun], logits: torch.Tensor) -> list[int]:
         """One token per row of [rows, vocab] logits, sampled together on their device
@@ -494,68 +474,10 @@ class TransformersEngine:
         )
         return out.logits[:, -1]
 
-    # ---- one call at a time (Engine) ------------------------------------------------
-
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Prefilled:
-        run = self.plan_prefill(session, messages, assistant_text, should_stop)
-        self.start(run)
-        try:
-            while run.prefilling:
-                if should_stop():
-                    raise EngineCancelled("cancelled during prefill")
-                self.prefill_step([run], sharing=False)
-        finally:
-            self.finish([run])
-        out = run.outcome()
-        assert isinstance(out, Prefilled)
-        return out
-
-    def generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> Iterator[TextChunk | Generated]:
-        # planned (tokenized, checked) at the call, before the first next()
-        run = self.plan_generate(
-            session, messages, assistant_text, max_tokens, sampling, stop, should_stop
-        )
-        return self._generate(run)
-
-    def _generate(self, run: StepRun) -> Iterator[TextChunk | Generated]:
-        """The step loop for one call: should_stop() before every chunk and step."""
-        self.start(run)
-        try:
-            while run.prefilling:
-                if run.should_stop():
-                    raise EngineCancelled("cancelled during prefill")
-                self.prefill_step([run], sharing=False)
-                yield from run.take()
-            while not run.done:
-                if run.should_stop():
-                    raise EngineCancelled("cancelled during decode")
-                self.decode_step([run])
-                yield from run.take()
-        finally:
-            self.finish([run])
-        out = run.outcome()
-        assert isinstance(out, Generated)
-        yield out
-
 
 def _wants_token(run: StepRun) -> bool:
-    """A generate run (not a prefill) whose writer asks for another token."""
-    return run.writer is not None and run.writer.wants_token()
+    """A generate run (not a prefill) whose output asks for another token."""
+    return run.output is not None and run.output.wants_token()
 
 
 def _implements_engine(engine: TransformersEngine) -> StepEngine:

@@ -12,10 +12,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
@@ -106,6 +108,30 @@ def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, Any, Any]:
     return folder, model, tokenizer
 
 
+def hub_problem(model_id: str, timeout_s: float = 3.0) -> str | None:
+    """Why a hub id cannot load here, found in seconds (None: it is in the local Hugging Face
+    cache, or the hub answers). Without this, an offline machine spends a minute in the
+    download client's retries before saying the same."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return (
+            f"not in the local Hugging Face cache, and the hub ({host}) cannot be reached "
+            f"({exc.strerror or type(exc).__name__}): download it where the hub is "
+            "reachable, or give a model folder or a .gguf file"
+        )
+    return None
+
+
 def resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
     """(what to from_pretrained, the GGUF converted folder if any, preloaded model/tokenizer)."""
     path = Path(model).expanduser()
@@ -119,6 +145,9 @@ def resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
             raise ValueError(f"{path}: not a model folder (no config.json)")
         return str(path), None, None, None
     if _HUB_ID.match(model) and not model.endswith(".gguf"):
+        problem = hub_problem(model)
+        if problem is not None:
+            raise ValueError(f"{model}: {problem}")
         return model, None, None, None
     raise ValueError(f"{model}: no such model file or folder")
 

@@ -23,6 +23,7 @@ from cloud.engine_api import (
     EngineCancelled,
     EngineInfo,
     Generated,
+    GenerateRequest,
     Prefilled,
     ShouldStop,
 )
@@ -34,7 +35,6 @@ from shared.wire import (
     FINISH_STOP,
     FINISH_STOP_STRING,
     Message,
-    Sampling,
     TextChunk,
     Usage,
     text_digest,
@@ -141,12 +141,19 @@ class ScriptedEngine:
             time.sleep(self.prefill_delay_s)
 
     def generate(
+        self, request: GenerateRequest, should_stop: ShouldStop
+    ) -> Iterator[TextChunk | Generated]:
+        r = request
+        return self._generate(
+            r.session, r.messages, r.assistant_text, r.max_tokens, r.stop, should_stop
+        )
+
+    def _generate(
         self,
         session: str,
         messages: Sequence[Message],
         assistant_text: str,
         max_tokens: int,
-        sampling: Sampling,
         stop: Sequence[str],
         should_stop: ShouldStop,
     ) -> Iterator[TextChunk | Generated]:
@@ -197,13 +204,12 @@ class ScriptedEngine:
         self.finished.set()
         yield Generated(finish, usage, 0.001, 0.002, written)
 
-    def prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> Prefilled:
+    def prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> Prefilled:
+        session, messages, assistant_text = (
+            request.session,
+            request.messages,
+            request.assistant_text,
+        )
         self._prefill(session, should_stop)
         usage = self._usage(session, messages, assistant_text, 0)
         with self._lock:

@@ -271,3 +271,62 @@ def test_help_is_plain_text_within_the_help_width_without_type_tags() -> None:
     assert max(len(line) for line in result.output.splitlines()) <= 100
     assert re.search(r"<(str|int|float|path|bool)[^>]*>", result.output) is None
     assert "--port PORT" in result.output and "╭" not in result.output
+
+
+def test_ctrl_c_while_loading_exits_130_as_an_interrupted_command(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, restore_process_state: None
+) -> None:
+    release = threading.Event()
+    calls = _block_loading(monkeypatch, release)
+    port = _free_port()
+
+    def interrupt() -> None:
+        wait_for(lambda: bool(calls) or None, timeout=60, what="loading to start")
+        os.kill(os.getpid(), signal.SIGINT)
+        release.set()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--port", str(port)])
+    assert result.exit_code == 130, result.output
+    assert "stopped while loading the model (SIGINT)" in result.stderr
+
+
+def test_a_drain_during_warm_up_never_reports_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from cloud.server import CloudServer, ServerOptions
+    from tests.integration.cloud_harness import ScriptedEngine
+
+    server = CloudServer(ScriptedEngine(), ServerOptions(port=0, reflection=False))
+    with caplog.at_level(logging.INFO, logger="specthink.cloud"):
+        server.start(warm_up=server.admission.close)  # Ctrl-C lands while it warms up
+    server.stop_now()
+    events = [r.getMessage() for r in caplog.records]
+    assert not any('"event": "serving"' in e for e in events), events
+
+
+def test_a_hub_id_that_is_not_cached_fails_in_seconds_when_the_hub_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+        "HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "specthink-cloud"), "serve", "--model", "Qwen/Qwen2.5-0.5B", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in _errors(done.stderr) if "error:" in line]
+    assert len(errors) == 1 and "not in the local Hugging Face cache" in errors[0], done.stderr
+    assert "cannot be reached" in errors[0]
+    assert took < 30  # imports included; the download client's retries took ~50 s

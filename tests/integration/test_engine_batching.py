@@ -19,9 +19,10 @@ pytest.importorskip("transformers")
 
 from cloud.decoding import EXTRA_TOKENS, is_word_char
 from cloud.engine import TransformersEngine
-from cloud.engine_api import Generated
+from cloud.engine_api import Generated, GenerateRequest
 from cloud.engine_thread import EngineThread
 from shared.wire import FINISH_LENGTH, Message, Sampling, TextChunk
+from tests.integration.engine_calls import generate
 
 pytestmark = pytest.mark.real_models
 
@@ -52,7 +53,7 @@ def call(
     n: int,
     msgs: list[Message] = SEA,
 ) -> tuple[list[TextChunk], Generated]:
-    events = list(target.generate(session, msgs, text, n, GREEDY, (), lambda: False))
+    events = list(generate(target, session, msgs, text, n))
     done = events[-1]
     assert isinstance(done, Generated)
     return [e for e in events[:-1] if isinstance(e, TextChunk)], done
@@ -101,7 +102,10 @@ def test_prompts_prefilled_in_one_forward_continue_as_each_does_alone(engine):
         **{s: t + " deep and wide, and" for s, t in warm.items()},
     }
     alone = {s: call(engine, sid("alone"), t, 8)[1] for s, t in texts.items()}
-    runs = [engine.plan_generate(s, SEA, t, 8, GREEDY, (), lambda: False) for s, t in texts.items()]
+    runs = [
+        engine.plan_generate(GenerateRequest(s, tuple(SEA), t, 8, GREEDY), lambda: False)
+        for s, t in texts.items()
+    ]
     for r in runs:
         engine.start(r)
     engine.prefill_step(runs, sharing=False)  # all three prompts' new tokens: one forward
@@ -133,7 +137,7 @@ def test_each_session_prefills_only_its_new_text_while_others_run(engine, loop):
 
 def test_end_session_while_its_call_runs_leaves_no_cache_behind(engine, loop):
     session = sid("ended")
-    stream = loop.generate(session, SEA, "The sea is", 200, GREEDY, (), lambda: False)
+    stream = generate(loop, session, SEA, "The sea is", 200)
     next(stream)  # running: its cache is checked out (a row of the batch)
     assert session in engine.caches.running()
     assert loop.drop(session) is True  # EndSession, or the text store's TTL eviction

@@ -28,6 +28,7 @@ from shared.wire import (  # noqa: E402
     Sampling,
     TextChunk,
 )
+from tests.integration.engine_calls import generate, prefill  # noqa: E402
 
 pytestmark = pytest.mark.real_models
 
@@ -84,7 +85,7 @@ def run(
     should_stop=lambda: False,
     msgs: list[Message] = MSGS,
 ) -> tuple[list[TextChunk], Generated]:
-    events = list(engine.generate(session, msgs, text, n, GREEDY, stop, should_stop))
+    events = list(generate(engine, session, msgs, text, n, GREEDY, stop, should_stop))
     done = events[-1]
     assert isinstance(done, Generated)
     chunks = [e for e in events[:-1] if isinstance(e, TextChunk)]
@@ -194,10 +195,10 @@ def test_cold_cache_counts_a_miss_then_a_hit(engine, fresh_id):
 def test_prefill_then_generate_reuses_everything_but_the_last_token(engine, fresh_id):
     sid = fresh_id()
     text = "The sea is deep and"
-    p = engine.prefill(sid, MSGS, text, lambda: False)
+    p = prefill(engine, sid, MSGS, text)
     assert p.usage.cached_tokens == 0
     assert p.usage.prefilled_tokens == p.usage.prompt_tokens
-    assert engine.prefill(sid, MSGS, text, lambda: False).usage.prefilled_tokens == 0
+    assert prefill(engine, sid, MSGS, text).usage.prefilled_tokens == 0
     _, done = run(engine, sid, text)
     assert done.usage.prefilled_tokens == 1
     assert done.text == cold(engine, text).text
@@ -314,19 +315,37 @@ def test_cancel_during_decode_leaves_a_usable_cache(engine, fresh_id):
     assert after.text == cold(engine, text).text
 
 
-def test_cancel_during_prefill(engine, fresh_id):
-    sid = fresh_id()
+def test_cancel_during_prefill(engine):
+    chunked = type(engine)(
+        engine.model,
+        engine.tokenizer,
+        model_id="smol",
+        device=engine.device,
+        loaded_from=engine.loaded_from,
+        prefill_chunk=4,
+        context_length=2047,
+    )
+    text = "The sea is deep and blue and full of fish"
+    checks = 0
+
+    def stop_after_two_chunks() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks > 3  # the engine loop asks once a step: two 4-token chunks, then stop
+
     with pytest.raises(EngineCancelled):
-        run(engine, sid, "The sea", should_stop=lambda: True)
-    assert engine.caches.idle()[sid].ids == []
-    _, after = run(engine, sid, "The sea")
-    assert after.text == cold(engine, "The sea").text
+        run(chunked, "a", text, should_stop=stop_after_two_chunks)
+    kept = len(chunked.caches.idle()["a"].ids)
+    assert 0 < kept < chunked.count_tokens(MSGS, text)  # cut mid-prompt: what was computed stays
+    _, after = run(chunked, "a", text)
+    assert after.usage.cached_tokens == kept
+    assert after.text == cold(engine, text).text
 
 
 def test_abandoned_stream_leaves_a_usable_cache(engine, fresh_id):
     sid = fresh_id()
     text = "The sea is deep"
-    stream = engine.generate(sid, MSGS, text, 20, GREEDY, (), lambda: False)
+    stream = generate(engine, sid, MSGS, text, 20)
     next(stream)
     next(stream)
     stream.close()
@@ -376,7 +395,7 @@ def test_context_window(engine, fresh_id):
     assert done.finish_reason == FINISH_CONTEXT_FULL
     assert done.usage.generated_tokens == 3
     with pytest.raises(EngineContextFull):
-        small.generate("a", MSGS, "The sea is deep and blue and wide", 5, GREEDY, (), lambda: False)
+        generate(small, "a", MSGS, "The sea is deep and blue and wide", 5)
 
 
 def test_stream_concatenation_is_the_generated_text(engine, fresh_id):
@@ -403,8 +422,8 @@ def test_stream_concatenation_is_the_generated_text(engine, fresh_id):
 
 def test_seeded_sampling_is_reproducible(engine, fresh_id):
     s = Sampling(temperature=0.8, top_p=0.9, top_k=40, seed=7)
-    a = list(engine.generate(fresh_id(), MSGS, "The sea", 10, s, (), lambda: False))[-1]
-    b = list(engine.generate(fresh_id(), MSGS, "The sea", 10, s, (), lambda: False))[-1]
+    a = list(generate(engine, fresh_id(), MSGS, "The sea", 10, s))[-1]
+    b = list(generate(engine, fresh_id(), MSGS, "The sea", 10, s))[-1]
     assert isinstance(a, Generated) and isinstance(b, Generated)
     assert a.text == b.text
 

@@ -21,6 +21,7 @@ from cloud.engine import PagedEngine, TransformersEngine  # noqa: E402
 from cloud.engine_api import Generated  # noqa: E402
 from cloud.engine_thread import EngineThread  # noqa: E402
 from shared.wire import Message, Sampling  # noqa: E402
+from tests.integration.engine_calls import generate  # noqa: E402
 
 pytestmark = pytest.mark.real_models
 
@@ -29,7 +30,7 @@ SEA = [Message("user", "Tell me about the sea.")]
 
 
 def text_of(target, session: str, text: str, n: int = 8) -> Generated:
-    done = list(target.generate(session, SEA, text, n, GREEDY, (), lambda: False))[-1]
+    done = list(generate(target, session, SEA, text, n))[-1]
     assert isinstance(done, Generated)
     return done
 

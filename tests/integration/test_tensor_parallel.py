@@ -22,7 +22,7 @@ import pytest
 
 from edge import bundled
 from shared.rpc import specthink_pb2 as pb
-from shared.wire import Message, Sampling
+from shared.wire import Message
 from tests.conftest import BIN, MODELS_DIR, REPO
 from tests.integration.cloud_harness import delta_request, full_request, stub
 
@@ -52,6 +52,7 @@ def _greedy_alone(model: Path, cache_dir: Path, device: str) -> dict[tuple[str, 
     """The one-process engine's greedy text for each (question, assistant text) used below."""
     pytest.importorskip("torch")
     from cloud.engine import TransformersEngine
+    from tests.integration.engine_calls import GREEDY, generate, release
 
     engine = TransformersEngine.load(
         str(model), device=device, cache_dir=cache_dir, dtype="float32"
@@ -59,14 +60,8 @@ def _greedy_alone(model: Path, cache_dir: Path, device: str) -> dict[tuple[str, 
     texts: dict[tuple[str, str], str] = {}
 
     def write(question: str, assistant_text: str) -> str:
-        *_, done = engine.generate(
-            "ref",
-            [Message("user", question)],
-            assistant_text,
-            TOKENS,
-            Sampling(temperature=0.0),
-            (),
-            lambda: False,
+        *_, done = generate(
+            engine, "ref", [Message("user", question)], assistant_text, TOKENS, GREEDY
         )
         texts[(question, assistant_text)] = done.text
         return str(done.text)
@@ -74,6 +69,7 @@ def _greedy_alone(model: Path, cache_dir: Path, device: str) -> dict[tuple[str, 
     for question in QUESTIONS:
         first = write(question, "")
         write(question, first + "\n\nIn short:")
+    release(engine)
     return texts  # the engine goes with this frame
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from cloud.decoding import EXTRA_TOKENS, IncrementalDetokenizer, TextWriter, is_word_char
+from cloud.decoding import EXTRA_TOKENS, IncrementalDetokenizer, TextOutput, is_word_char
 from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
@@ -37,10 +37,10 @@ def write(
     max_tokens: int,
     stop: Sequence[str] = (),
     room: int = 100,
-) -> tuple[TextWriter, list[TextChunk], int]:
+) -> tuple[TextOutput, list[TextChunk], int]:
     """Drive a writer as the engine does: sample (here: the next scripted token) while it
     wants one. Returns the writer, its chunks and how many tokens were sampled."""
-    writer = TextWriter(
+    writer = TextOutput(
         IncrementalDetokenizer(ByteTokenizer(), [HI]),
         max_tokens=max_tokens,
         stop=stop,

@@ -18,6 +18,7 @@ from cloud.engine_api import (
     EngineInfo,
     EngineOutOfMemory,
     Generated,
+    GenerateRequest,
     Prefilled,
     Run,
     ShouldStop,
@@ -74,28 +75,14 @@ class ScriptedStepEngine:
         self.fail_decode_of: str | None = None
         self.finished: list[str] = []
 
-    def plan_generate(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        should_stop: ShouldStop,
-    ) -> ScriptedRun:
-        if assistant_text == "too long":
+    def plan_generate(self, request: GenerateRequest, should_stop: ShouldStop) -> ScriptedRun:
+        text = request.assistant_text
+        if text == "too long":
             raise EngineContextFull("too long")
-        return ScriptedRun(session, max(1, len(assistant_text)), max_tokens, should_stop)
+        return ScriptedRun(request.session, max(1, len(text)), request.max_tokens, should_stop)
 
-    def plan_prefill(
-        self,
-        session: str,
-        messages: Sequence[Message],
-        assistant_text: str,
-        should_stop: ShouldStop,
-    ) -> ScriptedRun:
-        return ScriptedRun(session, max(1, len(assistant_text)), None, should_stop)
+    def plan_prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> ScriptedRun:
+        return ScriptedRun(request.session, max(1, len(request.assistant_text)), None, should_stop)
 
     def start(self, run: Run) -> None:
         assert isinstance(run, ScriptedRun)
@@ -125,13 +112,7 @@ class ScriptedStepEngine:
         self.finished.extend(r.session for r in runs)
         self.log.append(("finish", tuple(r.session for r in runs)))
 
-    # the rest of the Engine protocol (unused by the loop)
-    def generate(self, *args: object) -> Iterator[TextChunk | Generated]:
-        raise AssertionError("the loop runs steps, not whole calls")
-
-    def prefill(self, *args: object) -> Prefilled:
-        raise AssertionError("the loop runs steps, not whole calls")
-
+    # the rest of the StepEngine protocol
     def count_tokens(self, messages: Sequence[Message], assistant_text: str) -> int:
         return len(assistant_text)
 
@@ -152,7 +133,8 @@ def generate(
     text: str = "x",
     should_stop: ShouldStop = lambda: False,
 ) -> Iterator[TextChunk | Generated]:
-    return loop.generate(session, [Message("user", "hi")], text, n, Sampling(), (), should_stop)
+    request = GenerateRequest(session, (Message("user", "hi"),), text, n, Sampling())
+    return loop.generate(request, should_stop)
 
 
 def run_concurrently(loop: EngineThread, calls: dict[str, tuple[int, str]]) -> dict[str, object]:
@@ -323,7 +305,7 @@ def test_a_prompt_too_long_is_refused_at_the_call_in_the_callers_thread(engine):
 
 def test_prefill_calls_run_in_the_loop_and_return_their_usage(engine):
     loop = EngineThread(engine)
-    done = loop.prefill("s", [Message("user", "hi")], "p" * 9, lambda: False)
+    done = loop.prefill(GenerateRequest("s", (Message("user", "hi"),), "p" * 9), lambda: False)
     assert done.usage.prompt_tokens == 9
     assert [e for e in engine.log if e[0] == "prefill"] == [("prefill", "s")] * 3
     loop.close()
@@ -332,7 +314,7 @@ def test_prefill_calls_run_in_the_loop_and_return_their_usage(engine):
 def test_every_model_step_runs_on_the_one_engine_thread(engine):
     loop = EngineThread(engine)
     run_concurrently(loop, {f"s{i}": (3, "x") for i in range(4)})
-    loop.prefill("p", [Message("user", "hi")], "x", lambda: False)
+    loop.prefill(GenerateRequest("p", (Message("user", "hi"),), "x"), lambda: False)
     assert len(engine.threads) == 1
     assert engine.threads != {threading.get_ident()}
     loop.close()

@@ -21,9 +21,9 @@ def delta(base: str, append: str = "") -> TextDelta:
 def takeover(store: SessionStore, body: FullText | TextDelta, written: str) -> str:
     """One successful call as the servicer makes it: resolve, write, commit."""
     messages, text = store.resolve("k", body)
-    writer, _ = store.begin_write("k", messages)
+    turn, _ = store.begin_write("k", messages)
     base = text[: len(text) - len(body.append)] if isinstance(body, TextDelta) else None
-    assert store.commit("k", writer, messages, text + written, base)
+    assert store.commit("k", turn, messages, text + written, base)
     return text + written
 
 

@@ -36,13 +36,14 @@ reachable), or a `.gguf` file, converted once (`cloud.engine.weights`).
 """
 
 from cloud.decoding import IncrementalDetokenizer, find_stop
+from cloud.engine.base import EngineBase
 from cloud.engine.paged import PagedEngine
 from cloud.engine.sampling import sample, sample_rows
 from cloud.engine.steps import TransformersEngine
 from cloud.engine.weights import convert_gguf, default_cache_dir, gguf_digest, pick_device
 
 # --engine NAME -> the engine class (same constructor and load() for both)
-ENGINES: dict[str, type[TransformersEngine]] = {"rows": TransformersEngine, "paged": PagedEngine}
+ENGINES: dict[str, type[EngineBase]] = {"rows": TransformersEngine, "paged": PagedEngine}
 # --engine auto, by the device the model runs on. CPU: rows, measured faster there
 # (docs/batching.md, scripts/batching_decision.py). CUDA: paged, the path built for it (no
 # per-step KV copy, one forward per step, attention read in place); scripts/gpu_check.py
@@ -50,7 +51,7 @@ ENGINES: dict[str, type[TransformersEngine]] = {"rows": TransformersEngine, "pag
 AUTO_ENGINE = {"cpu": "rows", "cuda": "paged", "mps": "rows"}
 
 
-def engine_class(kind: str, device: str) -> type[TransformersEngine]:
+def engine_class(kind: str, device: str) -> type[EngineBase]:
     """The class `serve --engine KIND` runs on DEVICE (auto, cuda, cuda:1, mps, cpu);
     ValueError names the choices."""
     kind = kind.strip().lower()
@@ -65,6 +66,7 @@ def engine_class(kind: str, device: str) -> type[TransformersEngine]:
 __all__ = [
     "AUTO_ENGINE",
     "ENGINES",
+    "EngineBase",
     "IncrementalDetokenizer",
     "PagedEngine",
     "TransformersEngine",

@@ -2,7 +2,7 @@
 forward per step for every decoding row and every prefill chunk, attention read in place.
 
 Part of `cloud.engine`, the package that alone imports torch and transformers. Planning,
-tokenizing, stop rules and the session cache's policy are `TransformersEngine`'s; what
+tokenizing, stop rules and the session cache's policy are `EngineBase`'s; what
 differs is where KV lives and how a step runs:
 
   pool      per layer one [slots, kv heads, context + 1, head dim] tensor for keys and one
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from cloud.batching import StepRun, own
+from cloud.engine.base import EngineBase, wants_token
 from cloud.engine.kv import as_out_of_memory
-from cloud.engine.steps import TransformersEngine, _wants_token
-from cloud.engine_api import Run
+from cloud.engine_api import Run, StepEngine
 from cloud.session_cache import CachedSession, SessionCaches
 from cloud.slots import Exchange, Slot, SlotTable
 
@@ -206,8 +206,8 @@ def install_attention(model: Any) -> None:
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # 4D: transformers builds no mask
 
 
-class PagedEngine(TransformersEngine):
-    """Same constructor and `load()` as `TransformersEngine` (see the module doc)."""
+class PagedEngine(EngineBase):
+    """`cloud.engine_api.StepEngine`, paged path (see the module doc). Build it with `load()`."""
 
     kind = "paged"
 
@@ -347,10 +347,14 @@ class PagedEngine(TransformersEngine):
                 run = p.run
                 if not run.prefilling:
                     run.t1 = time.perf_counter()
-                    if _wants_token(run):
+                    if wants_token(run):
                         wanting.append((run, len(rows) + j))
             if wanting:
                 picked = logits[torch.tensor([i for _, i in wanting], device=logits.device)]
                 tokens = self._pick_rows([r for r, _ in wanting], picked)
                 for (run, _), token in zip(wanting, tokens, strict=True):
                     self._advance(run, token)
+
+
+def _implements_engine(engine: PagedEngine) -> StepEngine:
+    return engine  # mypy checks PagedEngine against the StepEngine protocol here

@@ -26,8 +26,8 @@ lint:
 test: install proto-check lint   ## README command (b): the whole test suite
 	$(PY) -m pytest -q
 
-test-fast:
-	$(PY) -m pytest -q tests/unit
+test-fast:          ## every test that runs no real model (-m "not real_models"): under a minute
+	$(PY) -m pytest -q -m "not real_models"
 
 bench:
 	$(PY) -m scripts.bench

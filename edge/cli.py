@@ -1,6 +1,8 @@
-"""`specthink-edge`: ask, chat, eval, config, models. The signature is the CLI; the
-docstring is the help. The wiring behind the commands (settings, model, cloud, output) is
-edge/wiring.py; heavy imports (llama.cpp, grpc channels) happen inside the commands.
+"""`specthink-edge`: ask, chat, eval, doctor, config, models. The signature is the CLI (the
+flags shared by ask, chat and eval are declared once in edge/flags.py); the docstring is the
+help. A command gets one `EdgeOptions`, builds its run (edge/run.py) and turns what that
+returns (`Outcome`, `EdgeError`) into lines and an exit code: only this module does that.
+Heavy imports (llama.cpp, grpc channels) happen inside the commands.
 
 Exit codes: 0 done; 1 runtime failure; 2 bad input; 3 the cloud refused our credentials;
 4 the cloud rejected the request; 5 the cloud could not be used at all (the answer was
@@ -10,33 +12,27 @@ written by the edge alone); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import signal
 import sys
-import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edge.config_cli import config_app
-from edge.models import models_app
-from edge.wiring import (
-    EXIT_AUTH,
-    EXIT_CLOUD_UNREACHABLE,
-    EXIT_INTERRUPTED,
-    Output,
-    Run,
-    fail,
-    notice,
-    prepare,
-    print_json,
-    print_speeds,
-    read_prompt,
-    settings,
-)
+from edge.flags import ASK, CHAT, EVAL, with_flags
+from edge.models_cli import models_app
+from edge.options import EdgeOptions
+from edge.outcome import EXIT_INTERRUPTED, EXIT_RUNTIME, EdgeError, Outcome, error_line, notice_line
 from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, version_flag
+
+if TYPE_CHECKING:
+    from edge.run import Run
+    from edge.session import CloudSession
+    from shared.wire import Message
 
 app = typer.Typer(
     help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
@@ -54,109 +50,52 @@ def _root(version: bool = version_flag("specthink-edge")) -> None:
     takes over where it reflects."""
 
 
-# ---- shared options -------------------------------------------------------------------
+def notice(message: str) -> None:
+    typer.echo(notice_line(message), err=True)
 
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="GGUF file of the small model.")
-]
-CloudOpt = Annotated[
-    str | None, typer.Option("--cloud", help="Cloud address HOST:PORT (env SPECTHINK_CLOUD).")
-]
-MaxTokensOpt = Annotated[
-    int | None, typer.Option("--max-tokens", help="Token budget of the answer (edge + cloud).")
-]
-TemperatureOpt = Annotated[
-    float | None, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")
-]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
-ModeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--mode",
-        help="auto (default: what fits the model), reasoning, or non-reasoning (a small "
-        "model that never says 'Wait').",
-    ),
-]
-StrategyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--strategy",
-        help="speculative, edge (never the cloud) or cloud (the large model writes all).",
-    ),
-]
-PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="TOML file of policy knobs.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", help="Policy knob KEY=VALUE, e.g. --set takeover_tokens=30 (repeatable)."
-    ),
-]
-GpuOpt = Annotated[
-    int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU/Metal (-1 = all).")
-]
-ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", help="CPU threads for the small model.")
-]
-TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Top-k sampling (0 = off).")]
-LocalOnlyOpt = Annotated[bool, typer.Option("--local-only", help="Never contact the cloud.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", help="System message.")]
-HideThinkingOpt = Annotated[
-    bool, typer.Option("--hide-thinking", help="Drop <think> reasoning from the output.")
-]
-VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Timings and speeds after each answer.")
-]
-MarkOpt = Annotated[
-    str,
-    typer.Option(
-        "--mark",
-        help="How to mark the cloud's text: auto (colour on a terminal), color, brackets, none.",
-    ),
-]
-PrefillEveryOpt = Annotated[
-    int,
-    typer.Option(
-        "--prefill-every",
-        help="Push the edge's text to the cloud every N drafted tokens (0 = off), so that "
-        "takeovers find a warm cache.",
-        min=0,
-    ),
-]
+
+def _command(
+    name: str | None = None, flags: Sequence[str] = ()
+) -> Callable[[Callable[..., int | None]], Callable[..., int | None]]:
+    """Register a command: its flags added (edge/flags.py), and what it ends with turned
+    into an exit code: the int it returns, or an `EdgeError`'s one line and code."""
+
+    def register(command: Callable[..., int | None]) -> Callable[..., int | None]:
+        parsed = with_flags(flags)(command) if flags else command
+
+        @functools.wraps(parsed)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                code = parsed(*args, **kwargs)
+            except EdgeError as exc:
+                typer.echo(error_line(exc.message), err=True)
+                raise typer.Exit(exc.exit_code) from None
+            if code:
+                raise typer.Exit(code)
+
+        app.command(name)(run)
+        return command
+
+    return register
+
+
+def _say(outcome: Outcome) -> None:
+    line = outcome.line()
+    if line:
+        typer.echo(line, err=True)
 
 
 # ---- ask ------------------------------------------------------------------------------
 
 
-@app.command()
+@_command(flags=ASK)
 def ask(
     prompt: Annotated[
         str | None, typer.Argument(help="The question; read from stdin when absent or '-'.")
     ] = None,
-    model: ModelOpt = None,
-    cloud: CloudOpt = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object at the end.")
-    ] = False,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON event per line.")] = False,
-    max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = None,
-    mode: ModeOpt = None,
-    strategy: StrategyOpt = None,
-    local_only: LocalOnlyOpt = False,
-    system: SystemOpt = None,
-    policy_file: PolicyOpt = None,
-    knobs: SetOpt = None,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
-    hide_thinking: HideThinkingOpt = False,
-    verbose: VerboseOpt = False,
-    mark: MarkOpt = "auto",
-    prefill_every: PrefillEveryOpt = 0,
-) -> None:
+    *,
+    options: EdgeOptions,
+) -> int:
     """Answer PROMPT with the small model, handing reflective steps to the cloud.
 
     The answer streams to stdout (the cloud's text coloured on a terminal);
@@ -165,63 +104,22 @@ def ask(
     refused, 4 request rejected, 5 the cloud could not be used at all (the
     answer was still written locally), 130 interrupted (the partial answer is
     kept)."""
-    if json_out and jsonl:
-        fail("--json and --jsonl exclude each other")
-    run = prepare(
-        model=model,
-        cloud=cloud,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        mode=mode,
-        strategy=strategy,
-        local_only=local_only,
-        policy_file=policy_file,
-        knobs=knobs,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        mark=mark,
-        prefill_every=prefill_every,
-        prompt=lambda: read_prompt(prompt),
-    )
-    from edge.session import CloudSession
+    from edge.prompt_input import read_prompt
+    from edge.run import build_run
+    from edge.run_report import answer_json, speed_lines
     from shared.wire import Message
 
-    messages = ([Message("system", system)] if system else []) + [Message("user", run.prompt)]
-    output = Output(json_out, jsonl, mark, hide_thinking, verbose, run)
-    session_id = uuid.uuid4().hex
-    cloud_session = CloudSession(run.transport, session_id) if run.transport else None
-    try:
-        answer = run.answer(messages, cloud_session, output)
-    finally:
-        if run.transport is not None:
-            run.transport.end_session(session_id)
-            run.transport.close()
-    if json_out:
-        print_json(answer.to_json(), run)
-    if verbose:
-        print_speeds(answer, run)
-    unusable = run.cloud_unusable
-    if unusable is not None and unusable.key_refused:  # no takeover met it: say it now
-        fail(
-            f"the cloud at {run.cfg.cloud} refused the API key (--api-key-file on the cloud, "
-            "SPECTHINK_API_KEY here); the answer was written by the edge alone",
-            EXIT_AUTH,
-        )
-    if unusable is not None:  # said in one line when it was found
-        raise typer.Exit(EXIT_CLOUD_UNREACHABLE)
-    if answer.stats.fallback and answer.stats.cloud_tokens == 0:
-        fail(
-            f"the cloud at {run.cfg.cloud} could not be used; the answer was written by the "
-            "edge alone",
-            EXIT_CLOUD_UNREACHABLE,
-        )
-    if answer.stats.fallback:
-        notice(
-            f"the cloud failed {answer.stats.fallbacks} time(s); those parts were written locally"
-        )
+    with build_run(options, lambda: read_prompt(prompt)) as run:
+        system = [Message("system", options.system)] if options.system else []
+        outcome = run.answer([*system, Message("user", run.prompt)], run.cloud_session())
+        # said before the run ends its cloud session (a wait a second Ctrl-C may cut short)
+        if options.json_out:
+            typer.echo(json.dumps(answer_json(outcome.answer, run), ensure_ascii=False))
+        if options.verbose and not (outcome.interrupted or outcome.refused):
+            for line in speed_lines(outcome.answer, run):
+                notice(line)
+        _say(outcome)
+    return outcome.exit_code
 
 
 # ---- chat -----------------------------------------------------------------------------
@@ -229,72 +127,33 @@ def ask(
 CHAT_HELP = "/exit (or Ctrl-D) leaves, /reset starts a new conversation, Ctrl-C stops an answer"
 
 
-@app.command()
-def chat(
-    model: ModelOpt = None,
-    cloud: CloudOpt = None,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line.")] = False,
-    max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = None,
-    mode: ModeOpt = None,
-    strategy: StrategyOpt = None,
-    local_only: LocalOnlyOpt = False,
-    system: SystemOpt = None,
-    policy_file: PolicyOpt = None,
-    knobs: SetOpt = None,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
-    hide_thinking: HideThinkingOpt = False,
-    verbose: VerboseOpt = False,
-    mark: MarkOpt = "auto",
-    prefill_every: PrefillEveryOpt = 0,
-) -> None:
+@_command(flags=CHAT)
+def chat(*, options: EdgeOptions) -> int:
     """Talk turn by turn: each line on stdin is a user turn ('> ' on a terminal).
 
     The conversation is one cloud session: the cloud re-uses its cache across
     turns and takeovers keep working. /exit or end of input leaves, /reset
     starts over; Ctrl-C stops the answer being written (it is kept)."""
-    from edge.session import CloudSession
+    from edge.run import build_run
     from shared.wire import Message
 
-    run = prepare(
-        model=model,
-        cloud=cloud,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        mode=mode,
-        strategy=strategy,
-        local_only=local_only,
-        policy_file=policy_file,
-        knobs=knobs,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        mark=mark,
-        prefill_every=prefill_every,
-    )
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    output = Output(False, jsonl, mark, hide_thinking, verbose, run)
-    session_id = uuid.uuid4().hex
-    cloud_session = CloudSession(run.transport, session_id) if run.transport else None
-    opening = [Message("system", system)] if system else []
-    history = list(opening)
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        where = f"with the cloud at {run.cfg.cloud}" if run.transport else "on this machine only"
-        notice(f"chat {where}; {CHAT_HELP}")
-    turn = 0
-    try:
+    with build_run(options) as run:
+        cloud_session = run.cloud_session()
+        opening = [Message("system", options.system)] if options.system else []
+        history = list(opening)
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            where = (
+                f"with the cloud at {run.cfg.cloud}" if run.transport else "on this machine only"
+            )
+            notice(f"chat {where}; {CHAT_HELP}")
+        turn = 0
         while True:
             line = _read_turn(interactive)
             if line is None or line.strip() in ("/exit", "/quit", "/bye"):
-                break
+                return 0
             command = line.strip()
             if not command:
                 continue
@@ -309,19 +168,17 @@ def chat(
                 continue
             turn += 1
             history.append(Message("user", line.rstrip("\n")))
-            if jsonl:
+            if options.jsonl:
                 typer.echo(
                     json.dumps(
                         {"event": "turn", "turn": turn, "user": history[-1].content},
                         ensure_ascii=False,
                     )
                 )
-            answer = _chat_turn(run, history, cloud_session, output)
-            history.append(Message("assistant", _history_text(answer.text)))
-    finally:
-        if run.transport is not None:
-            run.transport.end_session(session_id)
-            run.transport.close()
+            outcome = _chat_turn(run, history, cloud_session)
+            if outcome.refused:
+                return outcome.exit_code
+            history.append(Message("assistant", _history_text(outcome.answer.text)))
 
 
 def _read_turn(interactive: bool) -> str | None:
@@ -341,24 +198,28 @@ def _read_turn(interactive: bool) -> str | None:
             notice(CHAT_HELP)
 
 
-def _chat_turn(run: Run, history: list[Any], cloud_session: Any, output: Output) -> Any:
+def _chat_turn(run: Run, history: list[Message], cloud_session: CloudSession | None) -> Outcome:
     """One answer; Ctrl-C stops it (keeping it) and the chat goes on."""
-    try:
-        answer = run.answer(history, cloud_session, output)
-    except typer.Exit as stop:
-        if stop.exit_code != EXIT_INTERRUPTED:
-            raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # next Ctrl-C: soft again
-        from edge.session import Answer, Stats
+    from edge.run import soften_ctrl_c
+    from edge.run_report import speed_lines
 
+    outcome = run.answer(history, cloud_session)
+    if outcome.refused:
+        _say(outcome)
+        return outcome
+    if outcome.interrupted:
+        soften_ctrl_c()  # the next Ctrl-C stops the next answer, softly again
         if cloud_session is not None:
             cloud_session.forget()
-        return Answer(run.last_partial, "interrupted", [], Stats())
-    if output.verbose:
-        print_speeds(answer, run)
-    if answer.stats.fallback and not output.jsonl:
+        _say(outcome)
+        return outcome
+    answer = outcome.answer
+    if run.options.verbose:
+        for line in speed_lines(answer, run):
+            notice(line)
+    if answer.stats.fallback and not run.options.jsonl:
         notice(f"the cloud failed {answer.stats.fallbacks} time(s); written locally instead")
-    return answer
+    return outcome
 
 
 def _history_text(text: str) -> str:
@@ -367,26 +228,26 @@ def _history_text(text: str) -> str:
     return strip_thinking(text)
 
 
-# ---- eval ------------------------------------------------------------------------------
+# ---- doctor, eval ----------------------------------------------------------------------
 
 
-@app.command()
-def doctor(model: ModelOpt = None) -> None:
+@_command(flags=("model",))
+def doctor(*, options: EdgeOptions) -> int:
     """Check that llama.cpp decodes on this CPU, and say what it was built with.
 
     Runs a 4-token decode of the model (the bundled one by default) in a child
     process, so a runtime that crashes is reported instead of killing this one."""
     from edge import selfcheck
-    from edge.wiring import EXIT_RUNTIME, model_path
+    from edge.run import settings
+    from edge.small_model import model_path
 
-    result = selfcheck.check_runtime(model_path(settings(model=model)))
+    result = selfcheck.check_runtime(model_path(settings(options)))
     typer.echo(f"llama.cpp built with: {result.system_info or 'unknown'}")
     typer.echo(result.message)
-    if not result.ok:
-        raise typer.Exit(EXIT_RUNTIME)
+    return 0 if result.ok else EXIT_RUNTIME
 
 
-@app.command("eval")
+@_command("eval", flags=EVAL)
 def eval_(
     dataset: Annotated[
         str,
@@ -394,8 +255,6 @@ def eval_(
             help="math500, aime2024, math500-l123-s60 (shipped) or a JSONL file of problems."
         ),
     ],
-    cloud: CloudOpt = None,
-    model: ModelOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", help="First N problems.", min=1)] = None,
     levels: Annotated[str | None, typer.Option("--levels", help="MATH levels, e.g. 1,2.")] = None,
     strategies: Annotated[
@@ -409,15 +268,6 @@ def eval_(
             "(repeatable), e.g. unc-1.0:trigger=uncertainty,uncertainty_threshold=1.0.",
         ),
     ] = None,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option("--max-tokens", help="Token budget per answer (default: the paper's 32768)."),
-    ] = None,
-    temperature: TemperatureOpt = None,
-    seed: SeedOpt = None,
-    mode: ModeOpt = None,
-    policy_file: PolicyOpt = None,
-    knobs: SetOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Results folder (default eval-results/DATASET).")
     ] = None,
@@ -431,8 +281,6 @@ def eval_(
             help="Resume results written by another cloud or edge model (rows name theirs).",
         ),
     ] = False,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
     report_only: Annotated[
         bool,
         typer.Option(
@@ -441,7 +289,9 @@ def eval_(
             "(no model, no cloud; safe beside a running eval).",
         ),
     ] = False,
-) -> None:
+    *,
+    options: EdgeOptions,
+) -> int:
     """Run DATASET under each strategy: accuracy, tokens, measured speed; table, JSON, PNG.
 
     Results are appended per problem to OUT/results.jsonl: an interrupted run resumes.
@@ -450,27 +300,22 @@ def eval_(
 
     if report_only:
         eval_command.report(dataset, out)
-        return
-    eval_command.run(
+        return 0
+    finished = eval_command.run(
         dataset,
-        cloud=cloud,
-        model=model,
+        options,
         limit=limit,
         levels=levels,
         strategies=strategies,
-        variants=variants,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        seed=seed,
-        mode=mode,
-        policy_file=policy_file,
-        knobs=knobs,
+        variants=variants or [],
         out=out,
         restart=restart,
         allow_mixed=allow_mixed,
-        gpu_layers=gpu_layers,
-        threads=threads,
     )
+    if not finished:
+        notice("interrupted: run the same command again to resume")
+        return EXIT_INTERRUPTED
+    return 0
 
 
 def main() -> None:

@@ -48,6 +48,8 @@ from typing import Any, Literal
 
 import typer
 
+from edge.options import Strategy
+
 __all__ = [
     "CONFIG_ENV",
     "SETTINGS",
@@ -271,7 +273,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("seed", INT, None, "SPECTHINK_SEED", _between(0, 2**32 - 1), "sampling seed"),
     S("mode", _choice("auto", "reasoning", "non-reasoning"), "auto", "SPECTHINK_MODE", None,
       "reasoning or not (auto: what fits the model)"),
-    S("strategy", _choice("speculative", "edge", "cloud"), "speculative", "SPECTHINK_STRATEGY",
+    S("strategy", _choice(*Strategy), Strategy.SPECULATIVE.value, "SPECTHINK_STRATEGY",
       None, "who writes the answer"),
     S("policy_file", PATH, None, "SPECTHINK_POLICY_FILE", None, "takeover policy overrides"),
     S("gpu_layers", INT, _default_gpu_layers, "SPECTHINK_GPU_LAYERS", _between(-1, None),
@@ -320,7 +322,7 @@ class EffectiveConfig:
     top_k: int
     seed: int | None
     mode: Literal["auto", "reasoning", "non-reasoning"]
-    strategy: Literal["speculative", "edge", "cloud"]
+    strategy: Strategy
     policy_file: str | None
     gpu_layers: int
     threads: int | None
@@ -552,21 +554,3 @@ def _raw_repr(v: object, sep: str) -> str:
     if isinstance(v, dict):
         return "{...}"
     return repr(v)
-
-
-def client_options(cfg: EffectiveConfig) -> Any:
-    """The gRPC client's options (edge.cloud_client.ClientOptions) from the settings."""
-    from edge.cloud_client import ClientOptions
-
-    return ClientOptions(
-        address=cfg.cloud or "",
-        api_key=cfg.api_key,
-        connect_timeout_s=cfg.connect_timeout_s,
-        takeover_timeout_s=cfg.takeover_timeout_s,
-        first_chunk_timeout_s=cfg.first_chunk_timeout_s,
-        stall_timeout_s=cfg.stall_timeout_s,
-        tls=bool(cfg.tls or cfg.tls_ca_file),
-        tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
-        tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
-        tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,
-    )

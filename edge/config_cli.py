@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from edge.config import SETTINGS, ConfigError, EffectiveConfig, client_options, json_value, resolve
+from edge.config import SETTINGS, ConfigError, EffectiveConfig, json_value, resolve
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 
@@ -81,11 +81,11 @@ def _cloud_status(cfg: EffectiveConfig) -> dict[str, object] | None:
         return None
     from dataclasses import asdict
 
-    from edge.cloud_client import GrpcCloud
+    from edge.cloud_client import ClientOptions, GrpcCloud
     from edge.reachability import check
 
-    transport = GrpcCloud(client_options(cfg))
+    transport = GrpcCloud(ClientOptions.from_config(cfg))
     try:
-        return asdict(check(transport, cfg.cloud, cfg.connect_timeout_s))
+        return asdict(check(transport.model_info, cfg.cloud, cfg.connect_timeout_s))
     finally:
         transport.close()

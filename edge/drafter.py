@@ -69,6 +69,7 @@ class LlamaDrafter:
         chat_template: str | None = None,
     ) -> None:
         """`chat_template`: a Jinja template to use instead of the one the GGUF carries."""
+        started = time.perf_counter()
         path = Path(model_path).expanduser()
         check_gguf(path)
         try:
@@ -99,7 +100,6 @@ class LlamaDrafter:
         except Exception as exc:  # llama.cpp says little more than "failed to load"
             raise DrafterError(f"llama.cpp could not load {path}: {exc}") from None
         self.path = path
-        self.load_s = 0.0  # set by whoever timed the load
         self.counters = DraftCounters()
         self._first_eval_pending = False
         self._template_text: str | None = (
@@ -107,6 +107,7 @@ class LlamaDrafter:
         )
         self._template = self._chat_template()
         self.n_ctx = self.llm.n_ctx()
+        self.load_s = time.perf_counter() - started  # -v says it
 
     # -- prompt --
 

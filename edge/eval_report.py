@@ -1,6 +1,6 @@
 """The evaluation's report: per-strategy summaries, the paper-shaped table, the JSON report
 and the accuracy-versus-speed plot with its Pareto front. Reads rows; knows nothing about
-models, gRPC or the results file (`edge.evaluate` writes and reads those).
+models, gRPC or the results file (`edge.eval_results` writes and reads those).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edge.evaluate import Row
+    from edge.eval_results import Row
 
 STRATEGIES: tuple[str, ...] = ("edge", "speculative", "cloud")
 """Known strategies, in the order the table lists them (small alone, both, large alone)."""

@@ -1,6 +1,6 @@
 """One file over HTTP into the model store: resumable, locked, verified, renamed into place.
 
-Boundary: `edge.models` resolves names, specs and the hub's file listings and calls
+Boundary: `edge.model_hub` resolves specs and the hub's file listings and calls
 `download` per file; this module fetches one URL. The file is written to
 ``FINAL.partial`` (resumed with ``Range: bytes=N-``, locked against a second pull of it),
 checked against the expected sha256 and size and for the GGUF magic, then renamed to

@@ -3,7 +3,8 @@ loads, so that an unreachable cloud is said once, at the start, in words a perso
 on ("connection refused", "name does not resolve"), and never delays the first token.
 
 Plain sockets say *why* an address cannot be reached (gRPC only says UNAVAILABLE); the
-transport's GetModelInfo then says *what* answers there. Knows nothing of the session loop.
+client's GetModelInfo (passed in as a function) then says *what* answers there. Knows
+nothing of the session loop, nor of gRPC.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from shared import errors
+
+
+class ModelInfo(Protocol):
+    """What GetModelInfo answers (the fields the check reads)."""
+
+    model_id: str
+    context_length: int
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,13 @@ def why_unreachable(address: str, timeout_s: float) -> str | None:
     return last
 
 
-def check(transport: Any, address: str, timeout_s: float) -> Reachability:
-    """Connect, then ask the cloud what it serves (GetModelInfo through `transport`)."""
+def check(model_info: Callable[[], ModelInfo], address: str, timeout_s: float) -> Reachability:
+    """Connect, then ask the cloud what it serves (`model_info`: the client's GetModelInfo)."""
     why = why_unreachable(address, timeout_s)
     if why is not None:
         return Reachability(False, why)
     try:
-        info = transport.model_info()
+        info = model_info()
     except errors.Unauthenticated:
         return Reachability(False, "it refused the API key (SPECTHINK_API_KEY)", key_refused=True)
     except errors.SpecThinkError as exc:
@@ -82,7 +90,7 @@ class BackgroundCheck:
 
     def __init__(
         self,
-        transport: Any,
+        model_info: Callable[[], ModelInfo],
         address: str,
         timeout_s: float,
         on_done: Callable[[Reachability], None],
@@ -92,7 +100,7 @@ class BackgroundCheck:
 
         def run() -> None:
             try:
-                self.result = check(transport, address, timeout_s)
+                self.result = check(model_info, address, timeout_s)
             except Exception as exc:  # never let a check break the answer
                 self.result = Reachability(False, f"check failed: {exc}")
             on_done(self.result)

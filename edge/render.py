@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any
 
+from edge.options import Mark, choices
 from edge.session import Event
 
 CLOUD_STYLE = "\x1b[36m"  # cyan: text written by the large model
@@ -23,17 +24,22 @@ THINK_STYLE = "\x1b[2m"  # dim: reasoning
 RESET = "\x1b[0m"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 OPEN_CLOUD, CLOSE_CLOUD = "[cloud]", "[/cloud]"
-MARKS = ("auto", "color", "brackets", "none")
 SPINNER_FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 CLEAR_LINE = "\r\x1b[K"
 
 
 class Spinner:
     """A spinner on a terminal's stderr until the first word is written. It shows only
-    after `delay_s` (a quick answer never flashes one) and wipes its line when stopped."""
+    after `delay_s` (a quick answer never flashes one) and wipes its line when stopped.
+    `run=False` leaves the frames to `tick` (tests drive it frame by frame)."""
 
     def __init__(
-        self, err: IO[str], label: str = "thinking", interval_s: float = 0.1, delay_s: float = 0.3
+        self,
+        err: IO[str],
+        label: str = "thinking",
+        interval_s: float = 0.1,
+        delay_s: float = 0.3,
+        run: bool = True,
     ) -> None:
         self.err = err
         self.label = label
@@ -42,23 +48,28 @@ class Spinner:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._shown = False
-        self._thread = threading.Thread(target=self._spin, name="spinner", daemon=True)
-        self._thread.start()
+        self._frame = 0
+        if run:
+            threading.Thread(target=self._spin, name="spinner", daemon=True).start()
 
     def _spin(self) -> None:
         if self._stop.wait(self.delay_s):
             return
-        frame = 0
-        while True:
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                self.err.write(f"\r{SPINNER_FRAMES[frame % len(SPINNER_FRAMES)]} {self.label}")
-                self.err.flush()
-                self._shown = True
-            frame += 1
+        while self.tick():
             if self._stop.wait(self.interval_s):
                 return
+
+    def tick(self) -> bool:
+        """Show the next frame; False (and nothing written) once stopped."""
+        with self._lock:
+            if self._stop.is_set():
+                return False
+            frame = SPINNER_FRAMES[self._frame % len(SPINNER_FRAMES)]
+            self.err.write(f"\r{frame} {self.label}")
+            self.err.flush()
+            self._shown = True
+            self._frame += 1
+            return True
 
     def stop(self) -> None:
         """Idempotent; after it returns the spinner writes nothing more."""
@@ -80,19 +91,20 @@ class TextRenderer:
         self,
         out: IO[str] | None = None,
         err: IO[str] | None = None,
-        mark: str = "auto",
+        mark: Mark | str = Mark.AUTO,
         hide_thinking: bool = False,
         verbose: bool = False,
-        spinner: bool | None = None,
+        spinner: bool | Spinner | None = None,
+        said: frozenset[str] = frozenset(),
     ):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        if mark not in MARKS:
-            raise ValueError(f"mark must be one of {', '.join(MARKS)}")
-        if mark == "auto":  # colour on a terminal, unless NO_COLOR is set (no-color.org)
-            mark = "color" if _isatty(self.out) and not os.environ.get("NO_COLOR") else "none"
-        self.color = mark == "color"
-        self.brackets = mark == "brackets"
+        if mark not in set(Mark):
+            raise ValueError(f"mark must be {choices(Mark)}")
+        if mark == Mark.AUTO:  # colour on a terminal, unless NO_COLOR is set (no-color.org)
+            mark = Mark.COLOR if _isatty(self.out) and not os.environ.get("NO_COLOR") else Mark.NONE
+        self.color = mark == Mark.COLOR
+        self.brackets = mark == Mark.BRACKETS
         self._source = ""  # whose text the brackets are open for
         self.hide_thinking = hide_thinking
         self.verbose = verbose
@@ -102,10 +114,13 @@ class TextRenderer:
         self._pending_sources: list[str] = []
         self.wrote_any = False
         self._closed = False
-        self._told: set[str] = set()
+        self._told: set[str] = set(said)  # kinds of failure already said (each said once)
         self._cloud_wrote = False
-        show_spinner = _isatty(self.err) if spinner is None else spinner
-        self.spinner = Spinner(self.err) if show_spinner else None
+        if isinstance(spinner, Spinner):
+            self.spinner: Spinner | None = spinner
+        else:
+            show = _isatty(self.err) if spinner is None else spinner
+            self.spinner = Spinner(self.err) if show else None
 
     def __call__(self, event: Event) -> None:
         if event.kind == "takeover" and self.spinner is not None:
@@ -256,10 +271,15 @@ class StderrNotices:
     """For --json and --jsonl: the answer goes to stdout as JSON, and every fallback is
     still said on stderr (once per kind of failure), never silently."""
 
-    def __init__(self, inner: Callable[[Event], None], err: IO[str] | None = None):
+    def __init__(
+        self,
+        inner: Callable[[Event], None],
+        err: IO[str] | None = None,
+        said: frozenset[str] = frozenset(),
+    ):
         self.inner = inner
         self.err = err or sys.stderr
-        self._told: set[str] = set()
+        self._told: set[str] = set(said)  # kinds of failure already said (each said once)
         self._cloud_wrote = False
 
     def __call__(self, event: Event) -> None:
@@ -280,6 +300,20 @@ class JsonLinesRenderer:
         record: dict[str, Any] = {"event": event.kind, **event.data}
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
+
+
+class WithStats:
+    """Adds what the run knows (mode, retries, ...) to the `done` event's stats."""
+
+    def __init__(
+        self, inner: Callable[[Event], None], add: Callable[[dict[str, Any]], object]
+    ) -> None:
+        self.inner, self.add = inner, add
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "done":
+            self.add(event.data["stats"])
+        self.inner(event)
 
 
 class Quiet:

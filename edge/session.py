@@ -33,6 +33,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from edge.options import Strategy
 from shared import errors, policy
 from shared.policy import Decision, PolicyConfig, PolicyState, Rule, Writer
 from shared.wire import (
@@ -50,7 +51,6 @@ from shared.wire import (
     text_digest,
 )
 
-STRATEGIES = ("speculative", "edge", "cloud")
 CLOUD_ONLY_CHUNK_TOKENS = (
     64  # cloud strategy: tokens per call, so a failure or timeout loses little
 )
@@ -299,7 +299,7 @@ class CloudSession:
 
 @dataclass
 class SessionOptions:
-    strategy: str = "speculative"
+    strategy: Strategy = Strategy.SPECULATIVE
     max_tokens: int = 2048
     sampling: Sampling = field(default_factory=Sampling)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -321,9 +321,9 @@ class SpeculativeSession:
         sink: EventSink | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if options.strategy not in STRATEGIES:
+        if options.strategy not in set(Strategy):
             raise ValueError(f"unknown strategy {options.strategy!r}")
-        if options.strategy != "edge" and cloud is None:
+        if options.strategy != Strategy.EDGE and cloud is None:
             raise ValueError(f"strategy {options.strategy!r} needs a cloud")
         self.drafter = drafter
         self.cloud = cloud
@@ -393,9 +393,9 @@ class SpeculativeSession:
         if self.options.think_prefix and not self.text:
             self._open_think_block()
         try:
-            if self.options.strategy == "edge":
+            if self.options.strategy == Strategy.EDGE:
                 self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=False)
-            elif self.options.strategy == "cloud":
+            elif self.options.strategy == Strategy.CLOUD:
                 self._cloud_writes_everything()
             else:
                 self._speculate()
@@ -473,7 +473,7 @@ class SpeculativeSession:
         return bool(
             every
             and self.cloud is not None
-            and self.options.strategy == "speculative"
+            and self.options.strategy == Strategy.SPECULATIVE
             and written % every == 0
         )
 
@@ -562,10 +562,7 @@ class SpeculativeSession:
         self.stats.fallbacks += 1
         kind = type(exc).__name__
         message = f"cloud {kind} during {decision.reason} ({exc.message}); writing locally"
-        if getattr(exc, "already_said", False):
-            self.notices.append(message)  # said once already (the reachability check)
-        else:
-            self._notice("fallback", message, error=kind)
+        self._notice("fallback", message, error=kind)
         if self.cloud is not None:
             self.cloud.forget()
         rest = min(budget - segment.tokens, self.remaining)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge import datasets, evaluate
+from edge import datasets
 from edge.drafter import LlamaDrafter
 from edge.session import CloudSession, SessionOptions, SpeculativeSession
 from shared.policy import Mode, PolicyConfig, Trigger
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench-results/uncertainty_calibration.json")
     args = parser.parse_args()
-    problems = evaluate.load_problems(datasets.resolve("math500-l123-calib"), None, None)
+    problems = datasets.load_problems(datasets.resolve("math500-l123-calib"), None, None)
     drafter = Recording(LlamaDrafter(args.model, threads=args.threads, seed=args.seed))
     policy = PolicyConfig(
         mode=Mode.NON_REASONING,
@@ -88,7 +88,7 @@ def main() -> None:
             CloudSession(NoCloud(), "calibration"),  # type: ignore[arg-type]
             SessionOptions(max_tokens=args.max_tokens, sampling=sampling, policy=policy),
         )
-        loop.run([Message("user", evaluate.math_prompt(problem))])
+        loop.run([Message("user", datasets.math_prompt(problem))])
         print(f"problem {problem.id}: {len(drafter.probes)} breaks so far", file=sys.stderr)
     probes = [p for p in drafter.probes if p]
     by_window = {

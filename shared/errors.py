@@ -10,7 +10,7 @@
      ├── Overloaded           RESOURCE_EXHAUSTED  admission queue full (retry_after_s hint)
      ├── Unavailable          UNAVAILABLE         loading, draining, unreachable
      │    └── NeverReached    (client side only)  a check found the address unusable (refused,
-     │                                            unresolvable, key refused): already said once
+     │                                            unresolvable) before the first takeover
      ├── Cancelled            CANCELLED           the caller went away
      ├── DeadlineExceeded     DEADLINE_EXCEEDED   the caller's deadline passed
      ├── InternalError        INTERNAL            a bug or a device failure; never a prompt
@@ -85,11 +85,10 @@ class Unavailable(SpecThinkError):
 
 
 class NeverReached(Unavailable):
-    """The client's own check found the cloud unusable before any takeover; that was said
-    to the user once, so the session records the fallback without saying it again."""
+    """The client's own check found the cloud unusable before any takeover (the edge said
+    so when the check found it); not retried."""
 
     retryable = False
-    already_said = True
 
 
 class Cancelled(SpecThinkError):

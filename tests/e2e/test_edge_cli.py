@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from edge import wiring
+from edge import small_model
 from edge.config import auto_threads, resolve
 from edge.render import CLOUD_STYLE
 from shared import errors
@@ -380,7 +380,7 @@ def test_gpu_layers_and_threads_reach_llama_cpp(
     monkeypatch.setenv("SPECTHINK_CONFIG", str(tmp_path / "config.toml"))
     (tmp_path / "config.toml").write_text("")
     cfg = resolve({"model": str(fake_model(tmp_path)), **flags})
-    wiring.load_drafter(cfg)
+    small_model.load_drafter(cfg)
     (built,) = FakeLlama.built
     assert built["n_gpu_layers"] == layers
     assert built["n_threads"] == threads

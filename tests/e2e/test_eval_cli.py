@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from edge import datasets
+
 pytestmark = pytest.mark.real_models
 BIN = Path(sys.executable).parent
 PROGRESS = {f"{i}/6" for i in range(1, 7)}
-MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"
+MATH500 = datasets.resolve("math500")
 
 
 def run_eval(out: Path, model: Path, cloud: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +55,6 @@ def run_eval(out: Path, model: Path, cloud: str, *extra: str) -> subprocess.Comp
     )
 
 
-@pytest.mark.skipif(not MATH500.exists(), reason="the handbook's data/ is not beside the repo")
 def test_eval_limit_2_writes_table_json_and_png_and_resumes(tmp_path, smollm2, smollm2_cloud):
     out = tmp_path / "eval"
     done = run_eval(out, smollm2, smollm2_cloud.address)
@@ -94,7 +95,6 @@ def test_eval_limit_2_writes_table_json_and_png_and_resumes(tmp_path, smollm2, s
     assert all(r["text"] and r["edge_model_sha256"] == edge_sha for r in answered)
 
 
-@pytest.mark.skipif(not MATH500.exists(), reason="the handbook's data/ is not beside the repo")
 def test_eval_resumed_against_another_cloud_is_refused_unless_mixing_is_allowed(
     tmp_path, smollm2, smollm2_cloud
 ):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge import model_download, models
+from edge import model_download, model_hub, models, models_cli
 from edge.models import ModelError
 
 try:  # tests/integration as a package ...
@@ -94,7 +94,7 @@ def test_pull_by_quant_resolves_the_real_gguf_verifies_it_and_the_store_sees_it(
     hub.add(SMOL_REPO, "SmolLM2-135M-Instruct.Q4_K_M.gguf", _fake_gguf(4096, seed=2))
     hub.add(SMOL_REPO, "config.json", b"{}")
 
-    out = models.pull(f"{SMOL_REPO}:q4_1", endpoint=hub.url)
+    out = model_hub.pull(f"{SMOL_REPO}:q4_1", endpoint=hub.url)
 
     assert out == store / "HuggingFaceTB--SmolLM2-135M-Instruct-GGUF" / SMOL_FILE
     assert _sha256(out) == SMOL_SHA256
@@ -113,7 +113,7 @@ def test_pull_by_quant_resolves_the_real_gguf_verifies_it_and_the_store_sees_it(
 
     # A second pull finds the file in place and downloads nothing.
     before = len(hub.requests)
-    assert models.pull(f"{SMOL_REPO}:Q4_1", endpoint=hub.url) == out
+    assert model_hub.pull(f"{SMOL_REPO}:Q4_1", endpoint=hub.url) == out
     assert not [p for m, p, _ in hub.requests[before:] if "/cdn/" in p]
 
     assert models.remove(entry.name) == out
@@ -127,7 +127,7 @@ def test_explicit_file_spec_takes_the_checksum_from_the_head_etag(
     hub: hf_server.FakeHub, store: Path
 ) -> None:
     hub.redirect = False  # a plain mirror: 200 with ETag instead of the Hub's redirect
-    out = models.pull(f"{FAKE_REPO}/{FAKE_FILE}", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}/{FAKE_FILE}", endpoint=hub.url)
     assert _sha256(out) == hub.repos[FAKE_REPO][FAKE_FILE].sha256
     assert not [p for _, p, _ in hub.requests if p.startswith("/api/")]  # no listing needed
     assert ("HEAD", f"/{FAKE_REPO}/resolve/main/{FAKE_FILE}") in [
@@ -136,7 +136,7 @@ def test_explicit_file_spec_takes_the_checksum_from_the_head_etag(
 
 
 def test_repo_with_a_single_gguf_needs_no_quant(hub: hf_server.FakeHub) -> None:
-    out = models.pull(FAKE_REPO, endpoint=hub.url)
+    out = model_hub.pull(FAKE_REPO, endpoint=hub.url)
     assert out.name == FAKE_FILE
 
 
@@ -147,7 +147,7 @@ def test_interrupted_transfer_resumes_with_a_range_request(
     hub: hf_server.FakeHub, store: Path
 ) -> None:
     hub.cut_after = 1_000_000
-    out = models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
 
     ranges = hub.range_requests()
     assert ranges, "the second attempt sent no Range header"
@@ -163,7 +163,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(hub: hf_server.FakeHub, sto
     partial.parent.mkdir(parents=True)
     partial.write_bytes(data[:123_456])
 
-    out = models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
 
     assert hub.range_requests() == ["bytes=123456-"]
     assert out.read_bytes() == data
@@ -173,7 +173,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(hub: hf_server.FakeHub, sto
 def test_server_ignoring_range_restarts_from_zero(hub: hf_server.FakeHub, store: Path) -> None:
     hub.cut_after = 1_000_000
     hub.ignore_range = True
-    out = models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
     assert hub.range_requests()  # it asked to resume ...
     assert out.read_bytes() == hub.repos[FAKE_REPO][FAKE_FILE].data  # ... and got it all again
 
@@ -188,7 +188,7 @@ def test_complete_partial_gets_416_and_is_verified_and_installed(
     partial = store / "acme--Tiny-GGUF" / (FAKE_FILE + ".partial")
     partial.parent.mkdir(parents=True)
     partial.write_bytes(data)
-    out = models.pull(f"{FAKE_REPO}/{FAKE_FILE}", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}/{FAKE_FILE}", endpoint=hub.url)
     assert hub.range_requests() == [f"bytes={len(data)}-"]
     assert out.read_bytes() == data
     assert not partial.exists()
@@ -201,7 +201,7 @@ def test_corrupted_transfer_is_rejected_and_removed(hub: hf_server.FakeHub, stor
     hub.corrupt = True
     expected = hub.repos[FAKE_REPO][FAKE_FILE].sha256
     with pytest.raises(ModelError) as err:
-        models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
     message = str(err.value)
     assert f"checksum mismatch: expected {expected}, got " in message
     assert "the partial download was removed" in message
@@ -214,14 +214,14 @@ def test_explicit_sha256_overrides_and_rejects_a_wrong_file(
     hub: hf_server.FakeHub, store: Path
 ) -> None:
     with pytest.raises(ModelError, match=r"checksum mismatch: expected 0{64}"):
-        models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url, sha256="0" * 64)
+        model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url, sha256="0" * 64)
     assert _leftovers(store) == []
 
 
 def test_a_file_without_gguf_magic_is_rejected(hub: hf_server.FakeHub, store: Path) -> None:
     hub.add(FAKE_REPO, "fake.gguf", b"<html>not a model</html>")
     with pytest.raises(ModelError, match="not a GGUF file"):
-        models.pull(f"{FAKE_REPO}/fake.gguf", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}/fake.gguf", endpoint=hub.url)
     assert _leftovers(store) == []
 
 
@@ -233,11 +233,11 @@ def test_hf_token_is_sent_as_bearer_and_401_without_it_says_set_hf_token(
 ) -> None:
     hub.token = "hf_secret"
     with pytest.raises(ModelError, match="set HF_TOKEN") as err:
-        models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
     assert "401" in str(err.value)
 
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    out = models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
+    out = model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url)
     assert out.is_file()
     api_and_resolve = [h for _, p, h in hub.requests if not p.startswith("/cdn/")]
     assert api_and_resolve[-1].get("authorization") == "Bearer hf_secret"
@@ -247,28 +247,28 @@ def test_hf_token_is_sent_as_bearer_and_401_without_it_says_set_hf_token(
 def test_wrong_token_is_reported_as_rejected(hub: hf_server.FakeHub) -> None:
     hub.token = "hf_secret"
     with pytest.raises(ModelError, match=r"token was rejected.*set HF_TOKEN"):
-        models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url, token="hf_wrong")
+        model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint=hub.url, token="hf_wrong")
 
 
 def test_hf_endpoint_env_var_is_honoured(
     hub: hf_server.FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_ENDPOINT", hub.url + "/")
-    out = models.pull(f"{FAKE_REPO}:Q4_K_M")
+    out = model_hub.pull(f"{FAKE_REPO}:Q4_K_M")
     assert out.is_file()
     assert any(p == f"/api/models/{FAKE_REPO}/tree/main" for _, p, _ in hub.requests)
 
 
 def test_unknown_repo_and_file_give_404_messages(hub: hf_server.FakeHub) -> None:
     with pytest.raises(ModelError, match="no such repo/file"):
-        models.pull("acme/Missing-GGUF:Q4_K_M", endpoint=hub.url)
+        model_hub.pull("acme/Missing-GGUF:Q4_K_M", endpoint=hub.url)
     with pytest.raises(ModelError, match="no such repo/file"):
-        models.pull(f"{FAKE_REPO}/missing.gguf", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}/missing.gguf", endpoint=hub.url)
 
 
 def test_unreachable_endpoint_says_cannot_reach() -> None:
     with pytest.raises(ModelError, match=r"cannot reach http://127\.0\.0\.1:9"):
-        models.pull(f"{FAKE_REPO}:Q4_K_M", endpoint="http://127.0.0.1:9")
+        model_hub.pull(f"{FAKE_REPO}:Q4_K_M", endpoint="http://127.0.0.1:9")
 
 
 # --------------------------------------------------------------------------- choosing the file
@@ -277,27 +277,27 @@ def test_unreachable_endpoint_says_cannot_reach() -> None:
 def test_ambiguous_quant_lists_the_candidates(hub: hf_server.FakeHub) -> None:
     hub.add(FAKE_REPO, "Tiny-Q4_K_S.gguf", _fake_gguf(4096, seed=4))
     with pytest.raises(ModelError, match="ambiguous") as err:
-        models.pull(f"{FAKE_REPO}:Q4_K", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}:Q4_K", endpoint=hub.url)
     assert "Tiny-Q4_K_M.gguf" in str(err.value)
     assert "Tiny-Q4_K_S.gguf" in str(err.value)
 
 
 def test_unmatched_quant_lists_what_there_is(hub: hf_server.FakeHub) -> None:
     with pytest.raises(ModelError, match=r"no \.gguf .* matches 'Q2_K'; candidates: Tiny-Q4_K_M"):
-        models.pull(f"{FAKE_REPO}:Q2_K", endpoint=hub.url)
+        model_hub.pull(f"{FAKE_REPO}:Q2_K", endpoint=hub.url)
 
 
 def test_whole_token_quant_wins_over_a_longer_name(hub: hf_server.FakeHub) -> None:
     hub.add(FAKE_REPO, "Tiny-Q4_0.gguf", _fake_gguf(4096, seed=5))
     hub.add(FAKE_REPO, "Tiny-Q4_0_4_4.gguf", _fake_gguf(4096, seed=6))
-    assert models.pull(f"{FAKE_REPO}:Q4_0", endpoint=hub.url).name == "Tiny-Q4_0.gguf"
+    assert model_hub.pull(f"{FAKE_REPO}:Q4_0", endpoint=hub.url).name == "Tiny-Q4_0.gguf"
 
 
 def test_split_model_downloads_all_parts_side_by_side(hub: hf_server.FakeHub) -> None:
     for i in (1, 2, 3):
         hub.add("acme/Big-GGUF", f"Q8_0/Big-Q8_0-0000{i}-of-00003.gguf", _fake_gguf(5000, i))
     hub.add("acme/Big-GGUF", "Big-Q4_K_M.gguf", _fake_gguf(5000, seed=9))
-    out = models.pull("acme/Big-GGUF:Q8_0", endpoint=hub.url)
+    out = model_hub.pull("acme/Big-GGUF:Q8_0", endpoint=hub.url)
     assert out.name == "Big-Q8_0-00001-of-00003.gguf"
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "Big-Q8_0-00001-of-00003.gguf",
@@ -309,7 +309,7 @@ def test_split_model_downloads_all_parts_side_by_side(hub: hf_server.FakeHub) ->
 @pytest.mark.parametrize("spec", ["nonsense", "a/b/c.bin", "a/b:", "/repo:Q4", "a/b/c.gguf:Q4"])
 def test_bad_specs_are_refused_before_any_request(spec: str) -> None:
     with pytest.raises(ModelError, match="bad model spec"):
-        models.pull(spec, endpoint="http://127.0.0.1:9")
+        model_hub.pull(spec, endpoint="http://127.0.0.1:9")
 
 
 # --------------------------------------------------------------------------- store
@@ -350,7 +350,7 @@ def _runner():  # type: ignore[no-untyped-def]
 
 def test_cli_error_is_one_line_on_stderr_with_exit_code_1(hub: hf_server.FakeHub) -> None:
     result = _runner().invoke(
-        models.models_app, ["pull", "acme/Missing-GGUF:Q4_K_M", "--endpoint", hub.url]
+        models_cli.models_app, ["pull", "acme/Missing-GGUF:Q4_K_M", "--endpoint", hub.url]
     )
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -363,13 +363,13 @@ def test_cli_error_is_one_line_on_stderr_with_exit_code_1(hub: hf_server.FakeHub
 def test_cli_pull_list_path_rm(hub: hf_server.FakeHub, store: Path) -> None:
     runner = _runner()
     pulled = runner.invoke(
-        models.models_app, ["pull", f"{FAKE_REPO}:Q4_K_M", "--endpoint", hub.url]
+        models_cli.models_app, ["pull", f"{FAKE_REPO}:Q4_K_M", "--endpoint", hub.url]
     )
     assert pulled.exit_code == 0, pulled.output
     path = Path(pulled.stdout.strip())
     assert path.is_file()
 
-    listed = runner.invoke(models.models_app, ["list"])
+    listed = runner.invoke(models_cli.models_app, ["list"])
     assert listed.exit_code == 0
     header, row, *bundled_default = listed.stdout.splitlines()
     assert all("(bundled default)" in line for line in bundled_default)
@@ -377,11 +377,11 @@ def test_cli_pull_list_path_rm(hub: hf_server.FakeHub, store: Path) -> None:
     assert row.startswith(f"{FAKE_REPO}/{FAKE_FILE}") and "3.0 MB" in row
     assert header.index("SIZE") + len("SIZE") == row.index(" MB") + len(" MB")  # aligned
 
-    shown = runner.invoke(models.models_app, ["path", f"{FAKE_REPO}/{FAKE_FILE}"])
+    shown = runner.invoke(models_cli.models_app, ["path", f"{FAKE_REPO}/{FAKE_FILE}"])
     assert shown.stdout.strip() == str(path)
 
-    removed = runner.invoke(models.models_app, ["rm", f"{FAKE_REPO}:Q4_K_M"])
+    removed = runner.invoke(models_cli.models_app, ["rm", f"{FAKE_REPO}:Q4_K_M"])
     assert removed.exit_code == 0 and not path.exists()
 
-    missing = runner.invoke(models.models_app, ["path", "nope"])
+    missing = runner.invoke(models_cli.models_app, ["path", "nope"])
     assert missing.exit_code == 1 and missing.stderr.count("\n") == 1

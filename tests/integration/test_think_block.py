@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from edge.datasets import math_prompt
 from edge.drafter import LlamaDrafter
-from edge.evaluate import math_prompt
 from shared.prompting import THINK_OPEN, join_prompt, think_prefix
 from shared.wire import Message
 

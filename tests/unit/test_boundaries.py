@@ -1,4 +1,4 @@
-"""The architecture's boundaries, checked: what each module may import (DESIGN.md)."""
+"""The architecture's boundaries, checked: what each module may import (README.md, "Map of the files")."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from edge.cloud_client import CircuitBreaker, ClientOptions, GrpcCloud
+from edge.cloud_client import ClientOptions, GrpcCloud
+from edge.cloud_faults import CircuitBreaker
 from shared import errors
 from shared.wire import (
     FINISH_LENGTH,

@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
-from edge.cloud_client import ClientOptions, CloudPace, GrpcCloud
+from edge.cloud_client import ClientOptions, GrpcCloud
+from edge.cloud_faults import CloudPace
 from shared import errors
 from shared.rpc import specthink_pb2 as pb
 from shared.wire import (

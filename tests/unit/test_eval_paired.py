@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from edge.eval_report import accuracy_by_level, format_paired, mcnemar_p, paired
-from edge.evaluate import Row
+from edge.eval_results import Row
 
 
 def row(problem: str, strategy: str, correct: bool, level: int | None = 1) -> Row:

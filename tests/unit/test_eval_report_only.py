@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edge.cli import app
-from edge.evaluate import Row, answered_by_all
+from edge.eval_results import Row
+from edge.evaluate import answered_by_all
 
 STRATEGIES = ["edge", "cloud", "unc-1.1"]
 

@@ -1,4 +1,5 @@
-"""Behaviour of edge/evaluate.py: grading, the report maths, resumable results, the plot."""
+"""Behaviour of the evaluation: datasets, grading, the report maths, resumable results, the
+plot (edge/datasets, grading.py, eval_results.py, evaluate.py, eval_report.py)."""
 
 from __future__ import annotations
 
@@ -10,30 +11,14 @@ from typing import Any
 
 import pytest
 
-from edge.evaluate import (
-    EvalError,
-    EvalInterrupted,
-    Problem,
-    Progress,
-    Row,
-    extract_boxed,
-    file_sha256,
-    format_table,
-    grade,
-    grade_answer,
-    load_problems,
-    math_prompt,
-    pareto_front,
-    plot,
-    read_results,
-    regrade,
-    run_eval,
-    summarize,
-    write_report,
-)
+from edge import datasets
+from edge.datasets import EvalError, Problem, load_problems, math_prompt
+from edge.eval_report import format_table, pareto_front, plot, summarize, write_report
+from edge.eval_results import Row, file_sha256, read_results, regrade
+from edge.evaluate import EvalInterrupted, Progress, run_eval
+from edge.grading import extract_boxed, grade, grade_answer
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "eval_run.jsonl"
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
 CONFIG = {"dataset": "math500", "levels": [1], "seed": 0, "max_tokens": 512, "mode": "reasoning"}
 
 
@@ -109,9 +94,8 @@ def test_grading_works_off_the_main_thread() -> None:
     assert results == [True]
 
 
-@pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="shared data absent")
 def test_every_math500_reference_solution_grades_correct() -> None:
-    lines = (DATA / "math500.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (datasets.resolve("math500")).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     wrong = [i for i, r in enumerate(records) if not grade(r["solution"], r["answer"])]
     assert wrong == []
@@ -120,23 +104,21 @@ def test_every_math500_reference_solution_grades_correct() -> None:
 # --------------------------------------------------------------------------- datasets
 
 
-@pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="shared data absent")
 def test_math500_level_1_has_43_problems_with_line_index_ids() -> None:
-    problems = load_problems(DATA / "math500.jsonl", levels={1}, limit=None)
+    problems = load_problems(datasets.resolve("math500"), levels={1}, limit=None)
     assert len(problems) == 43
     assert {p.level for p in problems} == {1}
     assert all(p.id.isdigit() for p in problems)
-    assert len(load_problems(DATA / "math500.jsonl", levels=None, limit=None)) == 500
-    assert len(load_problems(DATA / "math500.jsonl", levels={1, 2}, limit=5)) == 5
+    assert len(load_problems(datasets.resolve("math500"), levels=None, limit=None)) == 500
+    assert len(load_problems(datasets.resolve("math500"), levels={1, 2}, limit=5)) == 5
 
 
-@pytest.mark.skipif(not (DATA / "aime2024.jsonl").exists(), reason="shared data absent")
 def test_aime_keeps_its_ids_and_refuses_a_level_filter() -> None:
-    problems = load_problems(DATA / "aime2024.jsonl", levels=None, limit=None)
+    problems = load_problems(datasets.resolve("aime2024"), levels=None, limit=None)
     assert len(problems) == 30
     assert problems[0].id == "60" and problems[0].answer == "204" and problems[0].level is None
     with pytest.raises(EvalError, match="no levels"):
-        load_problems(DATA / "aime2024.jsonl", levels={1}, limit=None)
+        load_problems(datasets.resolve("aime2024"), levels={1}, limit=None)
 
 
 def test_missing_dataset_and_bad_json_line_are_clear_errors(tmp_path: Path) -> None:

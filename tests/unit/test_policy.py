@@ -1,4 +1,5 @@
-"""Table tests of every rule of the policy (PAPER.md), on scripted text, no models."""
+"""Table tests of every rule of the policy (Speculative Thinking, Yang et al., COLM 2025: the
+control loop of its method), on scripted text, no models."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from edge.render import (
     SPINNER_FRAMES,
     THINK_STYLE,
     JsonLinesRenderer,
+    Spinner,
     StderrNotices,
     TextRenderer,
     strip_thinking,
@@ -195,18 +195,23 @@ def test_chat_history_keeps_the_answer_without_its_reasoning(text: str, kept: st
 
 def test_a_spinner_fills_the_wait_on_a_terminal_and_is_wiped_before_the_first_word() -> None:
     out, err = Tty(), Tty()
-    renderer = TextRenderer(out=out, err=err)
-    assert renderer.spinner is not None
-    renderer.spinner.delay_s = 0
-    time.sleep(0.5)
+    spinner = Spinner(err, run=False)  # its frames are driven here, one by one
+    renderer = TextRenderer(out=out, err=err, spinner=spinner)
+    assert spinner.tick() and spinner.tick()
     renderer(Event("segment", {"source": "edge", "reason": "r"}))
     renderer(Event("text", {"source": "edge", "text": "Hi"}))
     shown = err.getvalue()
-    time.sleep(0.3)
+    assert not spinner.tick(), "the first word stopped it"
     assert err.getvalue() == shown, "nothing more after the first word"
-    assert SPINNER_FRAMES[0] in shown and "thinking" in shown
-    assert shown.endswith(CLEAR_LINE)
+    assert shown == f"\r{SPINNER_FRAMES[0]} thinking\r{SPINNER_FRAMES[1]} thinking{CLEAR_LINE}"
     assert out.getvalue() == "Hi"
+
+
+def test_a_spinner_that_never_showed_writes_nothing_when_stopped() -> None:
+    err = Tty()
+    spinner = Spinner(err, run=False)
+    spinner.stop()
+    assert not spinner.tick() and err.getvalue() == ""
 
 
 def test_hidden_thinking_keeps_the_spinner_going() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,20 +35,35 @@ if TYPE_CHECKING:
     from edge.session import CloudSession
     from shared.wire import Message
 
+HELP = """SpecThink edge: a small model on this machine reasons; a large one in the cloud
+takes over where it reflects.
+
+\b
+takeover       at a paragraph break the cloud's large model writes the next
+               stretch (20 tokens, more when it verifies); then the small one
+trigger        what decides a takeover (--set trigger=...): keywords (the
+               paper's rules: the small model's probe of the next paragraph
+               says 'Wait', 'check' ...) or uncertainty (its probe's entropy
+               is high)
+non-reasoning  --mode for a small model that never says 'Wait': the cloud
+               writes the opening and takes over at every paragraph break
+--set KEY=V    any policy knob (ask --help lists them with their defaults)
+config file    ~/.config/specthink/config.toml, or the file SPECTHINK_CONFIG
+               names; flags > SPECTHINK_* > file > defaults (config show)
+"""
+
 app = typer.Typer(
-    help="SpecThink edge: a small model on this machine reasons; a large one in the cloud "
-    "takes over where it reflects.",
+    help=HELP,
     context_settings=CONTEXT_SETTINGS,
     **TYPER_SETTINGS,
 )
 app.add_typer(config_app, name="config")
-app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="models", short_help="Download and manage local GGUF models.")
 
 
-@app.callback()
+@app.callback(help=HELP)
 def _root(version: bool = version_flag("specthink-edge")) -> None:
-    """SpecThink edge: a small model on this machine reasons; a large one in the cloud
-    takes over where it reflects."""
+    """SpecThink edge (the help is HELP)."""
 
 
 def notice(message: str) -> None:
@@ -55,7 +71,7 @@ def notice(message: str) -> None:
 
 
 def _command(
-    name: str | None = None, flags: Sequence[str] = ()
+    name: str | None = None, flags: Sequence[str] = (), short: str | None = None
 ) -> Callable[[Callable[..., int | None]], Callable[..., int | None]]:
     """Register a command: its flags added (edge/flags.py), and what it ends with turned
     into an exit code: the int it returns, or an `EdgeError`'s one line and code."""
@@ -73,7 +89,7 @@ def _command(
             if code:
                 raise typer.Exit(code)
 
-        app.command(name)(run)
+        app.command(name, short_help=short)(run)  # short: whole in the top-level list
         return command
 
     return register
@@ -88,7 +104,7 @@ def _say(outcome: Outcome) -> None:
 # ---- ask ------------------------------------------------------------------------------
 
 
-@_command(flags=ASK)
+@_command(flags=ASK, short="Answer a question; the cloud takes over where it reflects.")
 def ask(
     prompt: Annotated[
         str | None, typer.Argument(help="The question; read from stdin when absent or '-'.")
@@ -125,9 +141,25 @@ def ask(
 # ---- chat -----------------------------------------------------------------------------
 
 CHAT_HELP = "/exit (or Ctrl-D) leaves, /reset starts a new conversation, Ctrl-C stops an answer"
+_SLASH = {"/exit": "exit", "/quit": "exit", "/bye": "exit", "/reset": "reset", "/help": "help"}
+_SLASH["/?"] = "help"
 
 
-@_command(flags=CHAT)
+def slash_command(line: str) -> tuple[str, str]:
+    """What a chat line is: ("text", "") for the model, or a command ("exit", "reset",
+    "help" with its words, "unknown" with one line) when it is one word starting with '/'."""
+    word = line.strip()
+    if not re.fullmatch(r"/[A-Za-z?]\S*", word):
+        return "text", ""
+    kind = _SLASH.get(word.lower(), "unknown")
+    if kind == "help":
+        return kind, CHAT_HELP
+    if kind == "unknown":
+        return kind, f"unknown command {word}; {CHAT_HELP}"
+    return kind, ""
+
+
+@_command(flags=CHAT, short="Talk turn by turn (one cloud session).")
 def chat(*, options: EdgeOptions) -> int:
     """Talk turn by turn: each line on stdin is a user turn ('> ' on a terminal).
 
@@ -152,19 +184,21 @@ def chat(*, options: EdgeOptions) -> int:
         turn = 0
         while True:
             line = _read_turn(interactive)
-            if line is None or line.strip() in ("/exit", "/quit", "/bye"):
+            if line is None:
                 return 0
-            command = line.strip()
-            if not command:
+            if not line.strip():
                 continue
-            if command == "/reset":
+            command, words = slash_command(line)
+            if command == "exit":
+                return 0
+            if command == "reset":
                 history = list(opening)
                 if cloud_session is not None:
                     cloud_session.forget()
                 notice("new conversation")
                 continue
-            if command in ("/help", "/?"):
-                notice(CHAT_HELP)
+            if command != "text":  # help, or a mistyped command: never sent to the model
+                notice(words)
                 continue
             turn += 1
             history.append(Message("user", line.rstrip("\n")))
@@ -231,7 +265,7 @@ def _history_text(text: str) -> str:
 # ---- doctor, eval ----------------------------------------------------------------------
 
 
-@_command(flags=("model",))
+@_command(flags=("model",), short="Check that llama.cpp decodes on this CPU.")
 def doctor(*, options: EdgeOptions) -> int:
     """Check that llama.cpp decodes on this CPU, and say what it was built with.
 
@@ -247,7 +281,7 @@ def doctor(*, options: EdgeOptions) -> int:
     return 0 if result.ok else EXIT_RUNTIME
 
 
-@_command("eval", flags=EVAL)
+@_command("eval", flags=EVAL, short="Accuracy and speed per strategy on a dataset.")
 def eval_(
     dataset: Annotated[
         str,

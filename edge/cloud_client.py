@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from edge.cloud_faults import CircuitBreaker, CloudPace, StallWatch
+from edge.config import split_cloud_address
 from edge.reachability import BackgroundCheck, Reachability
 from shared import errors
 from shared.rpc import specthink_pb2 as pb
@@ -87,14 +88,15 @@ class ClientOptions:
     @classmethod
     def from_config(cls, cfg: EffectiveConfig) -> ClientOptions:
         """The client's options from the edge's settings."""
+        address, tls = split_cloud_address(cfg.cloud or "")
         return cls(
-            address=cfg.cloud or "",
+            address=address,
             api_key=cfg.api_key,
             connect_timeout_s=cfg.connect_timeout_s,
             takeover_timeout_s=cfg.takeover_timeout_s,
             first_chunk_timeout_s=cfg.first_chunk_timeout_s,
             stall_timeout_s=cfg.stall_timeout_s,
-            tls=bool(cfg.tls or cfg.tls_ca_file),
+            tls=bool(tls or cfg.tls or cfg.tls_ca_file),
             tls_ca_file=Path(cfg.tls_ca_file) if cfg.tls_ca_file else None,
             tls_cert_file=Path(cfg.tls_cert_file) if cfg.tls_cert_file else None,
             tls_key_file=Path(cfg.tls_key_file) if cfg.tls_key_file else None,

@@ -203,10 +203,23 @@ _HOST_PORT = re.compile(r"(?P<host>\[[^\[\]]+\]|[^\s:/\[\]@]+):(?P<port>\d{1,5})
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 
 
+CLOUD_SCHEMES = ("grpc://", "grpcs://")  # as `specthink-cloud serve` prints its address
+
+
+def split_cloud_address(address: str) -> tuple[str, bool]:
+    """(``host:port``, whether the address asks for TLS: ``grpcs://``)."""
+    for scheme in CLOUD_SCHEMES:
+        if address.startswith(scheme):
+            return address[len(scheme) :].rstrip("/"), scheme == "grpcs://"
+    return address, False
+
+
 def _host_port(v: str) -> None:
-    """``host:port``, port 1..65535; an IPv6 host goes in brackets: ``[::1]:50051``."""
+    """``host:port``, port 1..65535; an IPv6 host goes in brackets: ``[::1]:50051``; the
+    ``grpc://`` or ``grpcs://`` (TLS) the cloud prints may lead."""
+    v, _ = split_cloud_address(v)
     if "://" in v:
-        raise _Bad("must be host:port without a scheme (e.g. localhost:50051)")
+        raise _Bad("must be host:port, grpc://host:port or grpcs://host:port")
     m = _HOST_PORT.fullmatch(v)
     if m is None:
         raise _Bad("must be host:port (e.g. localhost:50051, [::1]:50051)")
@@ -263,7 +276,8 @@ S = Setting
 #: The one table of edge settings. Order is display order.
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
-    S("cloud", STR, None, "SPECTHINK_CLOUD", _host_port, "cloud address host:port"),
+    S("cloud", STR, None, "SPECTHINK_CLOUD", _host_port,
+      "cloud address host:port (or grpc:// / grpcs:// as the cloud prints it)"),
     S("api_key", STR, None, "SPECTHINK_API_KEY", None, "API key for the cloud", secret=True),
     S("model", STR, None, "SPECTHINK_MODEL", None, "GGUF file or installed model name"),
     S("max_tokens", INT, 2048, "SPECTHINK_MAX_TOKENS", _between(1, 131072), "answer token limit"),

@@ -8,6 +8,7 @@ import json
 import typer
 
 from edge.config import SETTINGS, ConfigError, EffectiveConfig, json_value, resolve
+from edge.outcome import error_line
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 
@@ -28,11 +29,14 @@ def _cli_show(
     try:
         cfg = resolve({})
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(error_line(str(exc)), err=True)
         raise typer.Exit(2) from None
     exists = "exists" if cfg.config_file_exists else "not found"
     default_model = _bundled_default()
     cloud = _cloud_status(cfg)
+    from edge.models import models_dir
+
+    store = cfg.models_dir or str(models_dir())  # the store `models` and -m NAME use
     if as_json:
         doc = {
             "config_file": str(cfg.config_file),
@@ -47,12 +51,14 @@ def _cli_show(
             "model_in_use": cfg.model or default_model,
             "cloud_status": cloud,
         }
+        doc["settings"]["models_dir"]["value"] = store  # type: ignore[index]
         typer.echo(json.dumps(doc, indent=2))
         return
     rows = [("NAME", "VALUE", "SOURCE"), *cfg.rows()]
     if cfg.model is None and default_model:
         shown = (f"{default_model} (bundled default)", "default")
         rows = [("model", *shown) if row[0] == "model" else row for row in rows]
+    rows = [(r[0], store, r[2]) if r[0] == "models_dir" else r for r in rows]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     for name, value, source in rows:
@@ -86,6 +92,6 @@ def _cloud_status(cfg: EffectiveConfig) -> dict[str, object] | None:
 
     transport = GrpcCloud(ClientOptions.from_config(cfg))
     try:
-        return asdict(check(transport.model_info, cfg.cloud, cfg.connect_timeout_s))
+        return asdict(check(transport.model_info, transport.options.address, cfg.connect_timeout_s))
     finally:
         transport.close()

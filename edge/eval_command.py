@@ -183,7 +183,7 @@ def report(dataset: str, out: Path | None) -> None:
     if config is None or not rows:
         raise EdgeError(f"no results in {results}: run the eval first")
     strategies = list(config.get("strategies") or dict.fromkeys(r.strategy for r in rows))
-    write_outputs(rows, strategies, out_dir, path.stem, config)
+    write_outputs(rows, strategies, out_dir, path.stem, config, wrote_results=False)
 
 
 def write_outputs(
@@ -192,6 +192,7 @@ def write_outputs(
     out_dir: Path,
     dataset_name: str,
     run_config: dict[str, Any],
+    wrote_results: bool = True,
 ) -> None:
     """Table on stdout, report.json and tradeoff.png, over the problems every strategy has
     answered (a resumed or running eval compares like with like)."""
@@ -214,10 +215,11 @@ def write_outputs(
     eval_report.plot(
         summaries, out_dir / "tradeoff.png", dataset=dataset_name, date=date.today().isoformat()
     )
-    notice(
-        f"wrote {out_dir / 'report.json'}, {out_dir / 'tradeoff.png'} and "
-        f"{out_dir / 'results.jsonl'}"
-    )
+    report, png, results = (out_dir / n for n in ("report.json", "tradeoff.png", "results.jsonl"))
+    if wrote_results:
+        notice(f"wrote {report}, {png} and {results}")
+    else:  # --report only reads the results
+        notice(f"wrote {report} and {png}; read {results}")
 
 
 def _model_pair(transport: GrpcCloud | None, drafter: LlamaDrafter | None) -> dict[str, str | None]:

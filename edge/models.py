@@ -161,6 +161,9 @@ def path(name: str, *, dest_dir: Path | None = None) -> Path:
     found = _match_installed(name, entries)
     if len(found) == 1:
         return found[0].path
+    bundled_file = _bundled(name)
+    if not found and bundled_file is not None:
+        return bundled_file
     if not found:
         if not entries:
             raise ModelError(
@@ -250,3 +253,13 @@ def group_splits(filenames: list[str]) -> list[list[str]]:
         key = _SPLIT_RE.sub("", f) if _SPLIT_RE.search(f) else f
         groups.setdefault(key, []).append(f)
     return list(groups.values())
+
+
+def _bundled(name: str) -> Path | None:
+    """The file of a bundled model by the name `models list` shows (e.g. smollm2-135m),
+    when its package is installed and the model is in one piece."""
+    from edge import bundled
+
+    model = bundled.ALL.get(name.strip().lower())
+    parts = bundled.part_paths(model) if model is not None else None
+    return parts[0] if parts is not None and len(parts) == 1 else None

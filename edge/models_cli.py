@@ -8,6 +8,7 @@ import typer
 from edge import model_hub
 from edge.model_download import ModelError
 from edge.models import entry, list_models, models_dir, path, remove
+from edge.outcome import error_line
 
 models_app = typer.Typer(
     help="Download and manage local GGUF models (Hugging Face compatible endpoints).",
@@ -16,7 +17,7 @@ models_app = typer.Typer(
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo(error_line(str(exc)), err=True)
     return typer.Exit(1)
 
 

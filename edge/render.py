@@ -101,10 +101,18 @@ class TextRenderer:
         self.err = err or sys.stderr
         if mark not in set(Mark):
             raise ValueError(f"mark must be {choices(Mark)}")
-        if mark == Mark.AUTO:  # colour on a terminal, unless NO_COLOR is set (no-color.org)
-            mark = Mark.COLOR if _isatty(self.out) and not os.environ.get("NO_COLOR") else Mark.NONE
+        # auto: colour on a terminal; with NO_COLOR (no-color.org) brackets there; piped,
+        # plain text, and stderr says how much the cloud wrote
+        self.tell_share = False
+        if mark == Mark.AUTO:
+            if not _isatty(self.out):
+                mark, self.tell_share = Mark.NONE, True
+            else:
+                mark = Mark.BRACKETS if os.environ.get("NO_COLOR") else Mark.COLOR
         self.color = mark == Mark.COLOR
         self.brackets = mark == Mark.BRACKETS
+        self._bracket_open = False  # a [cloud] written and not yet closed
+        self._chars = {"edge": 0, "cloud": 0}
         self._source = ""  # whose text the brackets are open for
         self.hide_thinking = hide_thinking
         self.verbose = verbose
@@ -128,8 +136,10 @@ class TextRenderer:
         if event.kind == "segment":
             self._switch(event.data["source"])
         elif event.kind == "text":
-            self._cloud_wrote |= event.data["source"] == "cloud"
-            self._text(event.data["source"], event.data["text"])
+            source = event.data["source"]
+            self._cloud_wrote |= source == "cloud"
+            self._chars[source] = self._chars.get(source, 0) + len(event.data["text"])
+            self._text(source, event.data["text"])
         elif event.kind == "fallback" and event.data.get("error") not in self._told:
             self._told.add(event.data.get("error", ""))  # each kind of failure said once
             self.notice(f"specthink-edge: {event.data['message']}")
@@ -139,6 +149,12 @@ class TextRenderer:
             self.close()
             if self.color and self._cloud_wrote:
                 self.notice(f"specthink-edge: {CLOUD_LEGEND}")
+            if self.tell_share and self._cloud_wrote:
+                cloud, total = self._chars["cloud"], sum(self._chars.values())
+                self.notice(
+                    f"specthink-edge: the cloud wrote {cloud} of {total} characters of this "
+                    "answer (--mark brackets marks them in the text, --json lists them)"
+                )
             if event.data.get("finish_reason") == "length":
                 self.notice("specthink-edge: the answer was cut at the token budget (--max-tokens)")
 
@@ -156,15 +172,22 @@ class TextRenderer:
         self.out.flush()
 
     def _switch(self, source: str) -> None:
-        """Brackets mode: [cloud]...[/cloud] around the large model's text."""
+        """Brackets mode: [cloud]...[/cloud] around the large model's text, opened by its
+        first visible character (a takeover that wrote nothing leaves no empty pair)."""
         if self.brackets and source != self._source:
             self._flush_pending()
-            self._stop_spinner()
-            if self._source == "cloud":
-                self.out.write(CLOSE_CLOUD)
-            if source == "cloud":
-                self.out.write(OPEN_CLOUD)
+            if source != "cloud":  # a [cloud] opens at its first character, not here
+                self._bracket(source)
         self._source = source
+
+    def _bracket(self, source: str) -> None:
+        if source == "cloud" and not self._bracket_open:
+            self._stop_spinner()
+            self.out.write(OPEN_CLOUD)
+            self._bracket_open = True
+        elif source != "cloud" and self._bracket_open:
+            self.out.write(CLOSE_CLOUD)
+            self._bracket_open = False
 
     def notice(self, message: str) -> None:
         self._stop_spinner()
@@ -223,6 +246,8 @@ class TextRenderer:
             if not text:
                 return
         self._stop_spinner()  # the first visible word ends the wait (hidden thinking does not)
+        if self.brackets:
+            self._bracket(source)
         self.wrote_any = True
         if not self.color:
             self.out.write(text)

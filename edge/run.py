@@ -297,6 +297,10 @@ def build_run(options: EdgeOptions, prompt: Callable[[], str] | None = None) -> 
     text = prompt() if prompt is not None else ""
     choice = policy_choice(cfg, options.knobs)
     strategy = Strategy(cfg.strategy)
+    if options.local_only and strategy is Strategy.CLOUD:
+        raise EdgeError(
+            "--local-only never contacts the cloud, so --strategy cloud cannot run: drop one"
+        )
     cloud_only = strategy is Strategy.CLOUD and bool(cfg.cloud) and not options.local_only
     if not cloud_only:
         model_path(cfg)  # a bad model: one line, before any notice

@@ -32,6 +32,8 @@ def report_stats(stats: dict[str, Any], run: Run) -> dict[str, Any]:
 def answer_json(answer: Answer, run: Run) -> dict[str, Any]:
     """The one JSON object of `--json`."""
     result = answer.to_json()
+    # what the run said on stderr (no cloud, an unusable cloud ...), then the answer's own
+    result["notices"] = [*run.say.said, *result["notices"]]
     result["strategy"] = str(run.strategy)
     report_stats(result["stats"], run)
     return result
@@ -56,11 +58,12 @@ def speed_lines(answer: Answer, run: Run) -> list[str]:
     if model is not None:
         lines.append(f"load        {model.load_s:.2f} s (small model)")
     if counters is not None:
+        cached = counters.prompt_tokens - counters.evaluated_prompt_tokens
         lines.append(
             f"prompt      {_count(counters.evaluated_prompt_tokens, 'token', 'tokens')} "
             f"evaluated of {counters.prompt_tokens} in {counters.prompt_eval_s:.2f} s "
-            f"({_rate(counters.evaluated_prompt_tokens, counters.prompt_eval_s)}); the rest "
-            "came from the KV cache"
+            f"({_rate(counters.evaluated_prompt_tokens, counters.prompt_eval_s)})"
+            + (f"; {cached} from the KV cache" if cached > 0 else "")
         )
     edge_gen_s = max(0.0, s.edge_draft_s - (counters.prompt_eval_s if counters else 0.0))
     lines.append(

@@ -561,7 +561,7 @@ class SpeculativeSession:
         self.stats.fallback = True
         self.stats.fallbacks += 1
         kind = type(exc).__name__
-        message = f"cloud {kind} during {decision.reason} ({exc.message}); writing locally"
+        message = f"{_in_words(exc)} ({exc.message}); writing locally"
         self._notice("fallback", message, error=kind)
         if self.cloud is not None:
             self.cloud.forget()
@@ -591,3 +591,21 @@ class SpeculativeSession:
         while self.finish is None and self.remaining > 0:
             tokens = min(CLOUD_ONLY_CHUNK_TOKENS, self.remaining)
             self._hand_over(Decision(Writer.CLOUD, Rule.CLOUD_ONLY, None, tokens))
+
+
+def _in_words(exc: errors.SpecThinkError) -> str:
+    """What went wrong with the cloud, for a person (the error's class stays in --json's
+    `error` and the segment's reason)."""
+    for kind, words in (
+        (errors.Stalled, "the cloud stopped answering"),
+        (errors.NeverReached, "the cloud is not usable"),
+        (errors.Overloaded, "the cloud is too busy"),
+        (errors.Unavailable, "the cloud could not be reached"),
+        (errors.DeadlineExceeded, "the cloud took too long"),
+        (errors.BaseMismatch, "the cloud lost this answer"),
+        (errors.SessionNotFound, "the cloud lost this answer"),
+        (errors.Cancelled, "the call to the cloud was cancelled"),
+    ):
+        if isinstance(exc, kind):
+            return words
+    return "the cloud failed"

@@ -356,7 +356,7 @@ def test_cli_error_is_one_line_on_stderr_with_exit_code_1(hub: hf_server.FakeHub
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("error: ") and "no such repo/file" in lines[0]
+    assert lines[0].startswith("specthink-edge: error: ") and "no such repo/file" in lines[0]
     assert "Traceback" not in result.output
 
 

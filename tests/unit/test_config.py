@@ -451,6 +451,7 @@ def test_config_show_error_is_one_line_exit_2_no_traceback(
     assert result.exit_code == 2
     assert result.stdout == ""
     assert (
-        result.stderr == f"error: {path}: unknown key 'temprature' (did you mean 'temperature'?)\n"
+        result.stderr
+        == f"specthink-edge: error: {path}: unknown key 'temprature' (did you mean 'temperature'?)\n"
     )
     assert "Traceback" not in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -168,19 +169,22 @@ def serve(
     from cloud.dtypes import read_cpu_bf16_flags, resolve_dtype
     from cloud.tensor_parallel import launch_problem, rank_of
 
+    loading = _LoadOptions(
+        model=model,
+        device=device,
+        dtype=dtype.strip().lower(),
+        cache_dir=cache_dir,
+        max_cache_bytes=max_cache_bytes,
+        session_ttl_s=session_ttl_s,
+        max_running=max_running,
+        context_length=context_length,
+        engine_kind=engine_kind,
+        tensor_parallel=tensor_parallel,
+    )
     if problem := launch_problem(tensor_parallel, dict(os.environ)):
         _fail(problem)
     if tensor_parallel > 1 and rank_of(dict(os.environ)) > 0:  # serves nothing: follows rank 0
-        _follow(
-            model,
-            device,
-            dtype.strip().lower(),
-            cache_dir,
-            max_cache_bytes,
-            session_ttl_s,
-            engine_kind,
-            context_length,
-        )
+        _follow(loading)
         return
     from cloud.preflight import ServeChecks, serve_problems
 
@@ -233,19 +237,7 @@ def serve(
     except OSError as exc:
         server.stop_now()
         _fail(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}")
-    engine = _load(
-        server,
-        model,
-        device,
-        dtype,
-        cache_dir,
-        max_cache_bytes,
-        session_ttl_s,
-        max_running,
-        tensor_parallel,
-        engine_kind,
-        context_length,
-    )
+    engine = _load(server, loading)
     typer.echo(
         f"specthink-cloud: engine {engine.info.engine}; memory plan: {engine.memory.describe()}; "
         f"peak host RSS while loading {engine.peak_host_bytes / (1 << 30):.2f} GiB",
@@ -284,6 +276,43 @@ def serve(
     typer.echo("specthink-cloud: drained, bye", err=True)
 
 
+@dataclass(frozen=True)
+class _LoadOptions:
+    """The flags that reach the engine, read once by `serve` (rank 0 and the others alike)."""
+
+    model: str
+    device: str
+    dtype: str
+    cache_dir: Path | None
+    max_cache_bytes: int  # 0: from the memory plan
+    session_ttl_s: float
+    max_running: int  # 0: from the memory plan
+    context_length: int  # 0: the model's, capped to what memory holds
+    engine_kind: str
+    tensor_parallel: int
+
+    def engine_class(self) -> Any:
+        """The engine class to load (imports torch). --engine auto under --tensor-parallel
+        is rows: the paged engine's KV pool is not sharded (`load_sharded` refuses it)."""
+        from cloud.engine import engine_class
+
+        auto = self.engine_kind.strip().lower() == "auto"
+        kind = "rows" if auto and self.tensor_parallel > 1 else self.engine_kind
+        return engine_class(kind, self.device)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keywords of the engine class's `load` (and of `load_sharded`)."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "cache_dir": self.cache_dir,
+            "max_cache_bytes": self.max_cache_bytes or None,
+            "session_ttl_s": self.session_ttl_s,
+            "max_running": self.max_running or None,
+            "context_length": self.context_length or None,
+        }
+
+
 class _StopLoading(Exception):
     """SIGTERM or SIGINT while the model loads: stop at once, nothing to drain."""
 
@@ -292,19 +321,7 @@ class _StopLoading(Exception):
         self.signum = signum
 
 
-def _load(
-    server: Any,
-    model: str,
-    device: str,
-    dtype: str,
-    cache_dir: Path | None,
-    max_cache_bytes: int,
-    session_ttl_s: float,
-    max_running: int = 0,
-    tensor_parallel: int = 1,
-    engine_kind: str = "auto",
-    context_length: int = 0,
-) -> Any:
+def _load(server: Any, loading: _LoadOptions) -> Any:
     """Load the engine while the server already answers health (NOT_SERVING). A signal
     meanwhile stops the process: SIGTERM (an orchestrator) with 0, SIGINT (Ctrl-C) with
     130, as an interrupted command; a load error is one line and exit 2. Returns with the
@@ -317,37 +334,17 @@ def _load(
         signal.signal(sig, stop_loading)
     try:
         try:
-            from cloud.engine import engine_class
+            import cloud.engine  # noqa: F401 (torch and transformers: is the runtime there?)
         except ImportError as exc:
             server.stop_now()
             _fail(
                 f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'"
             )
-        typer.echo(f"specthink-cloud: loading {model} ...", err=True)
+        typer.echo(f"specthink-cloud: loading {loading.model} ...", err=True)
         try:
-            cls = engine_class(_sharded_kind(engine_kind, tensor_parallel), device)
-            if tensor_parallel > 1:
-                return _load_sharded(
-                    cls,
-                    model,
-                    device,
-                    dtype,
-                    cache_dir,
-                    max_cache_bytes,
-                    session_ttl_s,
-                    max_running,
-                    context_length,
-                )
-            return cls.load(
-                model,
-                device=device,
-                dtype=dtype,
-                cache_dir=cache_dir,
-                max_cache_bytes=max_cache_bytes or None,
-                session_ttl_s=session_ttl_s,
-                max_running=max_running or None,
-                context_length=context_length or None,
-            )
+            if loading.tensor_parallel > 1:
+                return _load_sharded(loading)
+            return loading.engine_class().load(loading.model, **loading.engine_kwargs())
         except (ValueError, OSError) as exc:
             server.stop_now()
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -359,75 +356,32 @@ def _load(
         server.install_signal_handlers()
 
 
-def _sharded_kind(engine_kind: str, tensor_parallel: int) -> str:
-    """--engine auto under --tensor-parallel is rows: the paged engine's KV pool is not
-    sharded (`cloud.engine.tensor_parallel.load_sharded` refuses it by name)."""
-    if tensor_parallel > 1 and engine_kind.strip().lower() == "auto":
-        return "rows"
-    return engine_kind
-
-
-def _load_sharded(
-    cls: Any,
-    model: str,
-    device: str,
-    dtype: str,
-    cache_dir: Path | None,
-    max_cache_bytes: int,
-    session_ttl_s: float,
-    max_running: int,
-    context_length: int,
-) -> Any:
+def _load_sharded(loading: _LoadOptions) -> Any:
     """Rank 0 of --tensor-parallel: its shard, behind the engine that replays every call on
     the other ranks (`cloud.tensor_parallel`)."""
     from cloud.engine.tensor_parallel import load_sharded
     from cloud.tensor_parallel import ReplicatedStepEngine
 
     engine, channel, clock = load_sharded(
-        cls,
-        model,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-        max_cache_bytes=max_cache_bytes or None,
-        session_ttl_s=session_ttl_s,
-        max_running=max_running or None,
-        context_length=context_length or None,
+        loading.engine_class(), loading.model, **loading.engine_kwargs()
     )
     typer.echo(f"specthink-cloud: tensor-parallel over {channel.world_size} ranks", err=True)
     return ReplicatedStepEngine(engine, channel, clock)
 
 
-def _follow(
-    model: str,
-    device: str,
-    dtype: str,
-    cache_dir: Path | None,
-    max_cache_bytes: int,
-    session_ttl_s: float,
-    engine_kind: str,
-    context_length: int,
-) -> None:
+def _follow(loading: _LoadOptions) -> None:
     """Ranks > 0 of --tensor-parallel: load this rank's shard, then run rank 0's engine calls
     until it closes (SIGTERM is rank 0's to handle: it drains, then closes)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        from cloud.engine import engine_class
         from cloud.engine.tensor_parallel import load_sharded
     except ImportError as exc:
         _fail(f"the cloud runtime is not installed ({exc.name}): pip install 'specthink[cloud]'")
     from cloud.tensor_parallel import follow
 
-    try:
+    try:  # the class rank 0 picks, with the same settings
         engine, channel, clock = load_sharded(
-            engine_class(_sharded_kind(engine_kind, 2), device),  # the class rank 0 picks
-            model,
-            device=device,
-            dtype=dtype,
-            cache_dir=cache_dir,
-            max_cache_bytes=max_cache_bytes or None,
-            session_ttl_s=session_ttl_s,
-            context_length=context_length or None,
+            loading.engine_class(), loading.model, **loading.engine_kwargs()
         )
     except (ValueError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

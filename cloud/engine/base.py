@@ -13,7 +13,7 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import torch
 
@@ -146,13 +146,15 @@ class EngineBase:
         num_threads: int | None = None,
         max_running: int | None = None,
         dtype: str = "auto",
+        tp_plan: Literal["auto"] | None = None,
     ) -> Self:
         """Load a Hugging Face folder, hub id or `.gguf` file (converted once, then cached)
-        with `cloud.engine.weights.load_weights`, whose ValueErrors (one line each) it raises."""
+        with `cloud.engine.weights.load_weights`, whose ValueErrors (one line each) it raises.
+        With `tp_plan`, this process's shard of a tensor-parallel model (under torchrun)."""
         t0 = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
-        w = load_weights(model, device, dtype, cache_dir)
+        w = load_weights(model, device, dtype, cache_dir, tp_plan=tp_plan)
         engine = cls(
             w.model,
             w.tokenizer,

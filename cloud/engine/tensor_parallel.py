@@ -10,7 +10,6 @@ calls travel between the ranks on a separate gloo group (`TorchChannel`), off th
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cloud.engine.weights import load_weights
 from cloud.tensor_parallel import SharedClock
 
 # A rank waits for rank 0's next call at most this long (rank 0 sends a heartbeat every
@@ -78,25 +76,21 @@ def load_sharded(
             f"--tensor-parallel runs the rows engine: the {cls.kind} engine's KV pool is not "
             "sharded across ranks yet (use --engine rows)"
         )
-    t0 = time.perf_counter()
-    w = load_weights(model, device, dtype, cache_dir, tp_plan="auto")
     clock = SharedClock()
-    engine = cls(
-        w.model,
-        w.tokenizer,
-        model_id=model,
-        device=w.device,
-        loaded_from=w.loaded_from,
-        converted_from=w.converted_from,
+    engine = cls.load(
+        model,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
         max_cache_bytes=max_cache_bytes,
         session_ttl_s=session_ttl_s,
         context_length=context_length,
         clock=clock,
         max_running=max_running,
+        tp_plan="auto",
     )
     channel = TorchChannel()
     budget = channel.smallest(int(engine.max_cache_bytes))
     if budget != engine.max_cache_bytes:
         engine.max_cache_bytes = budget
-    engine.load_s = time.perf_counter() - t0
     return engine, channel, clock

@@ -203,7 +203,6 @@ def install_attention(model: Any) -> None:
         AttentionInterface.register(name, _SlotAttention(current))  # type: ignore[arg-type]
 
 
-_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # 4D: transformers builds no mask
 
 
 class PagedEngine(EngineBase):
@@ -223,6 +222,8 @@ class PagedEngine(EngineBase):
             self.device,
         )
         self._staged: list[_Part] = []
+        # a 4D attention mask makes transformers build none (this engine's attention masks)
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         install_attention(self.model)
         size = self.pool.slot_bytes
         return SessionCaches(
@@ -317,7 +318,7 @@ class PagedEngine(EngineBase):
                 out = self.model(
                     input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                     position_ids=torch.tensor([positions], device=self.device),
-                    attention_mask=_NO_MASK.to(self.device),
+                    attention_mask=self._no_mask,
                     use_cache=True,
                     logits_to_keep=torch.tensor(keep, device=self.device),
                     slot_step=layout,

@@ -64,30 +64,34 @@ def sample_rows(
     greedy = logits.argmax(dim=-1)
     if all(s.temperature <= 0 for s in settings):
         return greedy
-    temps = torch.tensor([max(s.temperature, 1e-5) for s in settings], device=device)
+    # every row's settings in two transfers to the device, not one per setting
     ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in settings]
-    top_p = torch.tensor(
-        [s.top_p if 0 < s.top_p < 1 else 2.0 for s in settings], device=device
-    ).unsqueeze(1)
-    scaled = logits / temps.unsqueeze(1)
+    ints = torch.tensor(
+        [[seed, draw, k] for seed, draw, k in zip(seeds, draws, ks, strict=True)],
+        dtype=torch.int64,
+    ).to(device)
+    floats = torch.tensor(
+        [
+            [max(s.temperature, 1e-5), s.top_p if 0 < s.top_p < 1 else 2.0, s.temperature > 0]
+            for s in settings
+        ],
+        dtype=torch.float32,
+    ).to(device)
+    temps, top_p, hot = floats[:, 0:1], floats[:, 1:2], floats[:, 2] > 0
+    scaled = logits / temps
     width = max(ks)
     if width < vocab:  # every row keeps at most `width` candidates: no full sort
         values, order = torch.topk(scaled, width, dim=-1)  # sorted, highest first
     else:
         values, order = torch.sort(scaled, dim=-1, descending=True)
     rank = torch.arange(values.shape[1], device=device).unsqueeze(0)
-    values = values.masked_fill(rank >= torch.tensor(ks, device=device).unsqueeze(1), -torch.inf)
+    values = values.masked_fill(rank >= ints[:, 2:3], -torch.inf)
     p = torch.softmax(values, dim=-1)
     # drop a candidate when those ranked before it already reach top_p (the first stays)
     values = values.masked_fill((p.cumsum(dim=-1) - p) >= top_p, -torch.inf)
-    u = uniform_noise(
-        torch.tensor(list(seeds), dtype=torch.int64, device=device),
-        torch.tensor(list(draws), dtype=torch.int64, device=device),
-        values.shape[1],
-    )
+    u = uniform_noise(ints[:, 0], ints[:, 1], values.shape[1])
     choice = torch.argmax(values - torch.log(-torch.log(u)), dim=-1, keepdim=True)
     sampled = order.gather(1, choice).squeeze(1)
-    hot = torch.tensor([s.temperature > 0 for s in settings], device=device)
     return torch.where(hot, sampled, greedy)
 
 

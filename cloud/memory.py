@@ -134,7 +134,8 @@ def plan(
     """The budget, context and batch limit for this machine (explicit values win).
 
     `slot_tokens` > 0 plans the paged engine: every session holds a slot of that many
-    tokens (its context plus a scratch column), so the budget is a whole number of slots.
+    tokens (its context plus a scratch column), so the budget is a whole number of slots;
+    a slot shorter than the context caps the context (the plan says why).
     Raises ValueError when not even `MIN_CONTEXT` tokens of KV fit."""
     bytes_per_token = max(1, bytes_per_token)
     context_note = ""
@@ -159,6 +160,11 @@ def plan(
             context_length = fits - fits % 256 if fits >= 512 else fits
     slots = 0
     if slot_tokens:
+        if slot_tokens < context_length + 1 and not context_note:
+            context_note = (
+                f"the paged engine's default slot, of the model's {context_length:,}; "
+                "--context-length sets it"
+            )
         slot_tokens = min(slot_tokens, context_length + 1)
         slots = max(1, budget // (slot_tokens * bytes_per_token))
         context_length = slot_tokens - 1

@@ -103,7 +103,7 @@ class EngineBase:
                 context_length=context,
                 device=device.type,
             ),
-            slot_tokens=self._slot_tokens(context),
+            slot_tokens=self._slot_tokens(context, chosen=context_length is not None),
         )
         self.context_length = self.memory.context_length
         self.caches = self._session_caches(session_ttl_s, clock)
@@ -124,8 +124,9 @@ class EngineBase:
 
     # ---- what an engine path keeps per session (its subclass says) --------------------
 
-    def _slot_tokens(self, context: int) -> int:
-        """Tokens per preallocated slot (0: none; sessions hold caches that grow)."""
+    def _slot_tokens(self, context: int, chosen: bool) -> int:
+        """Tokens per preallocated slot (0: none; sessions hold caches that grow), for a
+        context of `context` tokens (`chosen`: by --context-length, else the model's)."""
         return 0
 
     def _session_caches(self, ttl_s: float, clock: Callable[[], float]) -> SessionCaches:

@@ -46,6 +46,11 @@ from cloud.engine_api import Run, StepEngine
 from cloud.session_cache import CachedSession, SessionCaches
 from cloud.slots import Exchange, Slot, SlotTable
 
+# Tokens a session's slot holds when --context-length does not say: 32 slots of a 32B
+# model on one H200 (2 GiB each), the batch the GPU goals are set for; reasoning traces
+# longer than this go on on the edge alone (the cloud answers CONTEXT_FULL).
+DEFAULT_SLOT_CONTEXT = 8192
+
 
 class SlotPool:
     """The preallocated KV tensors and the table of who holds which slot."""
@@ -210,8 +215,11 @@ class PagedEngine(EngineBase):
 
     kind = "paged"
 
-    def _slot_tokens(self, context: int) -> int:
-        return context + 1
+    def _slot_tokens(self, context: int, chosen: bool) -> int:
+        """One context per slot, plus a scratch column. Unless --context-length chose it,
+        at most `DEFAULT_SLOT_CONTEXT` tokens: a slot of a 32B model's whole 131,072-token
+        context is 32 GiB, and an H200 would hold two of them."""
+        return (context if chosen else min(context, DEFAULT_SLOT_CONTEXT)) + 1
 
     def _session_caches(self, ttl_s: float, clock: Callable[[], float]) -> SessionCaches:
         self.pool = SlotPool(

@@ -35,7 +35,7 @@ class TransformersEngine(EngineBase):
 
     # ---- what a session keeps: its own growing cache -----------------------------------
 
-    def _slot_tokens(self, context: int) -> int:
+    def _slot_tokens(self, context: int, chosen: bool) -> int:
         """Tokens per preallocated slot (0: none; sessions hold caches that grow)."""
         return 0
 

@@ -107,3 +107,15 @@ def test_explicit_values_win_and_say_so():
 
 def test_available_ram_is_read_from_this_machine():
     assert memory.available_ram() > 0
+
+
+def test_a_slot_shorter_than_the_model_context_caps_it_and_says_why():
+    p = memory.plan(
+        device="cuda",
+        free_bytes=70 * GIB,
+        bytes_per_token=262144,
+        context_length=131072,
+        slot_tokens=8193,
+    )
+    assert p.context_length == 8192 and p.slots >= 30
+    assert "paged engine's default slot" in p.describe() and "--context-length" in p.describe()

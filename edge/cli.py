@@ -120,12 +120,11 @@ def ask(
     refused, 4 request rejected, 5 the cloud could not be used at all (the
     answer was still written locally), 130 interrupted (the partial answer is
     kept)."""
-    from edge.prompt_input import read_prompt
     from edge.run import build_run
     from edge.run_report import answer_json, speed_lines
     from shared.wire import Message
 
-    with build_run(options, lambda: read_prompt(prompt)) as run:
+    with build_run(options, prompt, asks=True) as run:
         system = [Message("system", options.system)] if options.system else []
         outcome = run.answer([*system, Message("user", run.prompt)], run.cloud_session())
         # said before the run ends its cloud session (a wait a second Ctrl-C may cut short)

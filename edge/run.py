@@ -33,6 +33,7 @@ from edge.outcome import (
     notice_line,
 )
 from edge.policy_choice import policy_choice, with_mode
+from edge.prompt_input import read_prompt
 from edge.small_model import LazyDrafter, load_drafter, model_path
 
 if TYPE_CHECKING:
@@ -286,15 +287,16 @@ class Run:
         return Outcome(answer)
 
 
-def build_run(options: EdgeOptions, prompt: Callable[[], str] | None = None) -> Run:
+def build_run(options: EdgeOptions, prompt: str | None = None, *, asks: bool = False) -> Run:
     """Check every input, then load the small model and set up the cloud connection.
-    `prompt` reads the prompt (after the settings are known good, before anything loads)."""
+    `asks`: the run answers one prompt, `prompt` or stdin (read after the settings are known
+    good, before anything loads)."""
     from edge.session import SessionOptions
     from shared.wire import Sampling
 
     say = Notices()
     cfg = settings(options)
-    text = prompt() if prompt is not None else ""
+    text = read_prompt(prompt) if asks else ""
     choice = policy_choice(cfg, options.knobs)
     strategy = Strategy(cfg.strategy)
     if options.local_only and strategy is Strategy.CLOUD:

@@ -3,7 +3,7 @@
 At each paragraph break the session loop asks this module what happens next; the answer
 is a `Decision` that says who writes, how much, and *why* (the rule and the keyword), so
 logs, `--json` and tests can all tell why the large model took over. The rules are those
-of PAPER.md (Yang et al., COLM 2025), with the paper's defaults:
+of the paper (Yang et al., "Speculative Thinking", COLM 2025, Sec. 3), with its defaults:
 
 - A paragraph break is text ending in "\\n\\n" (tokens such as ".\\n\\n" or "?\\n\\n" end so too).
 - Reasoning mode: at a break the small model drafts a short probe of the next paragraph.

@@ -208,8 +208,6 @@ def install_attention(model: Any) -> None:
         AttentionInterface.register(name, _SlotAttention(current))  # type: ignore[arg-type]
 
 
-
-
 class PagedEngine(EngineBase):
     """`cloud.engine_api.StepEngine`, paged path (see the module doc). Build it with `load()`."""
 

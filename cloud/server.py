@@ -46,7 +46,8 @@ from cloud.auth import ApiKeys
 from cloud.engine_api import Engine
 from cloud.health import DRAINING, IN_SERVICE, LOADING, EngineHealth, HealthLimits, Verdict, judge
 from cloud.metrics import Metrics
-from cloud.servicer import Malformed, SpecThinkServicer
+from cloud.rpc_calls import Malformed
+from cloud.servicer import SpecThinkServicer
 from cloud.sessions import SessionStore
 from cloud.validation import Limits
 from shared.rpc import specthink_pb2 as pb

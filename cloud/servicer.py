@@ -1,8 +1,9 @@
 """The gRPC servicer: validation, auth, sessions, admission and the one-round-trip takeover.
 
 It imports no torch: it drives any `cloud.engine_api.Engine`, so tests run it with a
-scripted engine. Every error leaves through `_abort`, the one place where the shared
-error tree becomes a gRPC status. Prompt text is never logged unless `log_prompts`.
+scripted engine. Every error leaves through `cloud.rpc_calls.RpcCalls.abort`, the one place
+where the shared error tree becomes a gRPC status. Prompt text is never logged unless
+`log_prompts`.
 
 A takeover, as `_takeover` runs it:
   check    -> auth, field validation, resolve the delta against the session's text
@@ -25,16 +26,12 @@ text appear only with `log_prompts`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -51,6 +48,7 @@ from cloud.engine_api import (
     GenerateRequest,
 )
 from cloud.metrics import Metrics
+from cloud.rpc_calls import CallLog, RpcCalls, parsed
 from cloud.sessions import SessionStore, engine_key
 from shared import errors
 from shared.policy import continuation_keyword
@@ -78,27 +76,6 @@ from shared.wire import (
 )
 
 log = logging.getLogger("specthink.cloud")
-REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A request protobuf refused to parse (see cloud.server's tolerant deserializers)."""
-
-    reason: str
-
-
-@dataclass
-class CallLog:
-    """Who asked what, for the JSON log lines of one RPC."""
-
-    rpc: str
-    request_id: str
-    started: float
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
 _Fields = TypeVar("_Fields")  # what a call checks besides the text (`_accept`)
 # Characters per token, roughly, for admission's cost estimate before tokenizing.
 _CHARS_PER_TOKEN = 4
@@ -123,19 +100,6 @@ class _Accepted:
         return len(self.text) // _CHARS_PER_TOKEN
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex[:16]
-
-
-def _parsed(request: Any) -> Any:
-    if isinstance(request, Malformed):
-        raise errors.InvalidRequest(request.reason)
-    return request
-
-
 class SpecThinkServicer(rpc.SpecThinkServicer):
     def __init__(
         self,
@@ -158,53 +122,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         self.log_prompts = log_prompts
         self.clock = clock
         self.stopping = threading.Event()  # set after the drain grace: stop work now
-
-    # ---- logs, and the one place errors become statuses ---------------------------------
-
-    def _begin(self, rpc_name: str, context: grpc.ServicerContext) -> CallLog:
-        call = CallLog(rpc_name, _request_id(context), self.clock())
-        with contextlib.suppress(Exception):  # the call may be gone: the id is a courtesy
-            context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
-        return call
-
-    def _log(self, call: CallLog, event: str, **fields: Any) -> None:
-        record = {
-            "event": event,
-            "rpc": call.rpc,
-            "request_id": call.request_id,
-            **call.fields,
-            **fields,
-        }
-        log.info(json.dumps(record, ensure_ascii=False))
-
-    def _abort(
-        self,
-        context: grpc.ServicerContext,
-        error: errors.SpecThinkError,
-        call: CallLog | None = None,
-    ) -> None:
-        code, message, trailers = errors.to_status(error)
-        self.metrics.inc("errors", code=code.name)
-        if call is not None:
-            self._log(
-                call,
-                "error",
-                code=code.name,
-                message=message,
-                total_s=round(self.clock() - call.started, 4),
-            )
-        if trailers:
-            context.set_trailing_metadata(trailers)
-        context.abort(code, message)
-
-    def _guard(self, context: grpc.ServicerContext, call: CallLog, work: Callable[[], Any]) -> Any:
-        try:
-            return work()
-        except errors.SpecThinkError as exc:
-            self._abort(context, exc, call)
-        except Exception:
-            log.exception("internal error in %s (request %s)", call.rpc, call.request_id)
-            self._abort(context, errors.InternalError("internal error"), call)
+        self.calls = RpcCalls(self.metrics, clock)  # request ids, logs, errors -> statuses
 
     def _authenticate(self, context: grpc.ServicerContext, call: CallLog) -> str:
         key_id = ANONYMOUS
@@ -260,14 +178,14 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
     def Takeover(
         self, request: pb.TakeoverRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.TakeoverEvent]:
-        call = self._begin("Takeover", context)
+        call = self.calls.begin("Takeover", context)
         try:
-            yield from self._takeover(_parsed(request), context, call)
+            yield from self._takeover(parsed(request), context, call)
         except errors.SpecThinkError as exc:
-            self._abort(context, exc, call)
+            self.calls.abort(context, exc, call)
         except Exception:
             log.exception("internal error in Takeover (request %s)", call.request_id)
-            self._abort(context, errors.InternalError("internal error"), call)
+            self.calls.abort(context, errors.InternalError("internal error"), call)
         finally:
             self._gauge_load()
 
@@ -425,7 +343,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         m.set("cache_bytes", stats.bytes)
         m.set("sessions", len(self.sessions))
         extra: dict[str, Any] = {"text": committed} if self.log_prompts else {}
-        self._log(
+        self.calls.log(
             call,
             "takeover",
             finish_reason=finish,
@@ -441,10 +359,10 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
     def Prefill(
         self, request: pb.PrefillRequest, context: grpc.ServicerContext
     ) -> pb.PrefillResponse:
-        call = self._begin("Prefill", context)
+        call = self.calls.begin("Prefill", context)
 
         def work() -> pb.PrefillResponse:
-            req = _parsed(request)
+            req = parsed(request)
             acc, _ = self._accept(context, call, req.session_id, text_from_pb(req), lambda: None)
             try:
                 with self.admission.slot(acc.cost, acc.should_stop) as ticket:
@@ -467,7 +385,7 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 raise errors.Cancelled("superseded by a newer call on the same session")
             text = acc.text
             length, digest = text_digest(text)
-            self._log(
+            self.calls.log(
                 call,
                 "prefill",
                 prompt_tokens=done.usage.prompt_tokens,
@@ -481,15 +399,15 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 committed_sha256=digest,
             )
 
-        return self._guard(context, call, work)
+        return self.calls.guard(context, call, work)
 
     def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.ModelInfo:
-        call = self._begin("GetModelInfo", context)
+        call = self.calls.begin("GetModelInfo", context)
 
         def work() -> pb.ModelInfo:
-            _parsed(request)
+            parsed(request)
             self._authenticate(context, call)
             info = self._model().info
             return pb.ModelInfo(
@@ -505,20 +423,20 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
                 max_running=info.max_running,
             )
 
-        return self._guard(context, call, work)
+        return self.calls.guard(context, call, work)
 
     def EndSession(
         self, request: pb.EndSessionRequest, context: grpc.ServicerContext
     ) -> pb.EndSessionResponse:
-        call = self._begin("EndSession", context)
+        call = self.calls.begin("EndSession", context)
 
         def work() -> pb.EndSessionResponse:
-            key = self._session_key(context, call, _parsed(request).session_id)
+            key = self._session_key(context, call, parsed(request).session_id)
             existed = self.sessions.drop(key)
             if self.engine is not None:
                 self.engine.drop(key)
             self.metrics.set("sessions", len(self.sessions))
-            self._log(call, "end_session", existed=existed)
+            self.calls.log(call, "end_session", existed=existed)
             return pb.EndSessionResponse(existed=existed)
 
-        return self._guard(context, call, work)
+        return self.calls.guard(context, call, work)

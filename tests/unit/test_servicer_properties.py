@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from cloud.admission import Admission, AdmissionLimits
 from cloud.auth import ApiKeys, key_id
-from cloud.servicer import Malformed, SpecThinkServicer
+from cloud.rpc_calls import Malformed
+from cloud.servicer import SpecThinkServicer
 from cloud.sessions import SessionStore
 from cloud.validation import Limits
 from shared.rpc import specthink_pb2 as pb

@@ -125,8 +125,7 @@ def ask(
     from shared.wire import Message
 
     with build_run(options, prompt, asks=True) as run:
-        system = [Message("system", options.system)] if options.system else []
-        outcome = run.answer([*system, Message("user", run.prompt)], run.cloud_session())
+        outcome = run.answer(run.opening([Message("user", run.prompt)]), run.cloud_session())
         # said before the run ends its cloud session (a wait a second Ctrl-C may cut short)
         if options.json_out:
             typer.echo(json.dumps(answer_json(outcome.answer, run), ensure_ascii=False))
@@ -171,7 +170,7 @@ def chat(*, options: EdgeOptions) -> int:
     interactive = sys.stdin is not None and sys.stdin.isatty()
     with build_run(options) as run:
         cloud_session = run.cloud_session()
-        opening = [Message("system", options.system)] if options.system else []
+        opening = run.opening([])
         history = list(opening)
         if interactive:
             with contextlib.suppress(ImportError):
@@ -182,7 +181,7 @@ def chat(*, options: EdgeOptions) -> int:
             notice(f"chat {where}; {CHAT_HELP}")
         turn = 0
         while True:
-            line = _read_turn(interactive)
+            line = _read_turn(interactive, run.say)
             if line is None:
                 return 0
             if not line.strip():
@@ -214,14 +213,16 @@ def chat(*, options: EdgeOptions) -> int:
             history.append(Message("assistant", _history_text(outcome.answer.text)))
 
 
-def _read_turn(interactive: bool) -> str | None:
-    """The next user turn, or None at the end of input. Ctrl-C at the prompt only hints."""
+def _read_turn(interactive: bool, say: Callable[[str], None]) -> str | None:
+    """The next user turn, or None at the end of input. Ctrl-C at the prompt only hints;
+    bytes that are not UTF-8 are replaced, and said."""
+    from edge.prompt_input import read_line, say_replaced
+
     while True:
         try:
-            if interactive:
-                return input("> ")
-            line = sys.stdin.readline()
-            return line if line else None
+            line, replaced = read_line(interactive)
+            say_replaced("the line", replaced, say)
+            return line
         except EOFError:
             if interactive:
                 sys.stdout.write("\n")

@@ -9,6 +9,7 @@ counts them).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Generator, Sequence
@@ -57,6 +58,84 @@ def default_threads() -> int:
     return max(1, cpus // 2) if cpus > 4 else cpus
 
 
+class Vocabulary:
+    """A model's tokenizer and chat template: the text a conversation renders to, and its
+    tokens. The loaded model's (`LlamaDrafter.vocab`), or one read alone from the file
+    (`load_vocabulary`: no weights) to count a prompt before the model loads."""
+
+    def __init__(self, model: Any, chat_template: str | None = None) -> None:
+        """`model`: llama-cpp-python's model (`Llama._model`); `chat_template`: a Jinja
+        template to use instead of the one the GGUF carries."""
+        self._model = model
+        try:
+            metadata = model.metadata()
+        except Exception:  # as llama-cpp-python's Llama: a model without readable metadata
+            metadata = {}
+        self.chat_template_text: str | None = (
+            chat_template or metadata.get("tokenizer.chat_template") or None
+        )
+        self._template = self._chat_template()
+
+    def close(self) -> None:
+        """Free a vocabulary loaded alone (a drafter's is freed with its model)."""
+        self._model.close()
+
+    def _chat_template(self) -> Any | None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not self.chat_template_text:
+            return None
+        model = self._model
+        return Jinja2ChatFormatter(
+            template=self.chat_template_text,
+            eos_token=model.token_get_text(model.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
+        )
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    @property
+    def think_prefix(self) -> str:
+        return think_prefix(self.chat_template_text)
+
+    def render(self, messages: Sequence[Message]) -> str:
+        if self._template is None:
+            return plain_prompt(messages)
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return str(self._template(messages=chat).prompt)
+
+    def tokenize(self, messages: Sequence[Message], text: str) -> list[int]:
+        prompt = self.render(messages)
+        model = self._model
+        bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
+        add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
+        joined = join_prompt(prompt, text)  # one <think>, whatever the template appends
+        return list(model.tokenize(joined.encode("utf-8"), add_bos=add_bos, special=True))
+
+
+def load_vocabulary(model_path: str | Path) -> Vocabulary:
+    """The tokenizer and chat template of a GGUF file without its weights (a fraction of a
+    second, and of the memory, of loading the model)."""
+    path = Path(model_path).expanduser()
+    check_gguf(path)
+    try:
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+    except ImportError:
+        raise DrafterError(
+            "the edge runtime is not installed: pip install 'specthink[edge]'"
+        ) from None
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        model = LlamaModel(path_model=str(path), params=params, verbose=False)
+    except Exception as exc:
+        raise DrafterError(f"llama.cpp could not read the vocabulary of {path}: {exc}") from None
+    return Vocabulary(model)
+
+
 class LlamaDrafter:
     def __init__(
         self,
@@ -102,41 +181,31 @@ class LlamaDrafter:
         self.path = path
         self.counters = DraftCounters()
         self._first_eval_pending = False
-        self._template_text: str | None = (
-            chat_template or self.llm.metadata.get("tokenizer.chat_template") or None
-        )
-        self._template = self._chat_template()
+        self._chat_template_override = chat_template
         self.n_ctx = self.llm.n_ctx()
         self.load_s = time.perf_counter() - started  # -v says it
 
     # -- prompt --
 
-    def _chat_template(self) -> Any | None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        if not self._template_text:
-            return None
-        model = self.llm._model
-        return Jinja2ChatFormatter(
-            template=self._template_text,
-            eos_token=model.token_get_text(model.token_eos()),
-            bos_token=model.token_get_text(model.token_bos()),
-        )
+    @functools.cached_property
+    def vocab(self) -> Vocabulary:
+        """The loaded model's tokenizer and chat template."""
+        return Vocabulary(self.llm._model, self._chat_template_override)
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        return self.vocab.has_chat_template
 
     @property
     def chat_template_text(self) -> str | None:
         """The model's Jinja chat template (as its GGUF carries it, unless overridden)."""
-        return self._template_text
+        return self.vocab.chat_template_text
 
     @property
     def think_prefix(self) -> str:
         """What this model's answers start with on the wire ("<think>\\n" for a reasoning
         model, see shared.prompting)."""
-        return think_prefix(self._template_text)
+        return self.vocab.think_prefix
 
     @property
     def model_names(self) -> list[str]:
@@ -146,18 +215,10 @@ class LlamaDrafter:
         return [n for n in names if n]
 
     def render(self, messages: Sequence[Message]) -> str:
-        if self._template is None:
-            return plain_prompt(messages)
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        return str(self._template(messages=chat).prompt)
+        return self.vocab.render(messages)
 
     def tokenize(self, messages: Sequence[Message], text: str) -> list[int]:
-        prompt = self.render(messages)
-        model = self.llm._model
-        bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
-        add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
-        joined = join_prompt(prompt, text)  # one <think>, whatever the template appends
-        return list(self.llm.tokenize(joined.encode("utf-8"), add_bos=add_bos, special=True))
+        return self.vocab.tokenize(messages, text)
 
     # -- drafting --
 

@@ -33,8 +33,8 @@ from edge.outcome import (
     notice_line,
 )
 from edge.policy_choice import policy_choice, with_mode
-from edge.prompt_input import read_prompt
-from edge.small_model import LazyDrafter, load_drafter, model_path
+from edge.prompt_input import read_prompt, say_replaced, valid_text
+from edge.small_model import LazyDrafter, check_prompt_fits, load_drafter, model_path
 
 if TYPE_CHECKING:
     from edge.cloud_client import GrpcCloud
@@ -151,6 +151,7 @@ class Run:
     check: BackgroundCheck | None  # of the configured cloud (also when found unusable)
     prompt: str = ""
     mode_reason: str = ""  # which mode runs and why (--mode auto picks by the model)
+    system: str = ""  # --system, as valid text
     _sessions: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Run:
@@ -179,6 +180,10 @@ class Run:
         """The check's finding when the configured cloud could not be used at all."""
         found = self.check.peek() if self.check is not None else None
         return found if found is not None and not found.reachable else None
+
+    def opening(self, messages: Sequence[Message]) -> list[Message]:
+        """`messages` after the system message, when there is one."""
+        return opening(self.system, messages)
 
     def cloud_session(self) -> CloudSession | None:
         """A new conversation with the cloud (one session, its cache reused across calls)."""
@@ -292,11 +297,13 @@ def build_run(options: EdgeOptions, prompt: str | None = None, *, asks: bool = F
     `asks`: the run answers one prompt, `prompt` or stdin (read after the settings are known
     good, before anything loads)."""
     from edge.session import SessionOptions
-    from shared.wire import Sampling
+    from shared.wire import Message, Sampling
 
     say = Notices()
     cfg = settings(options)
-    text = read_prompt(prompt) if asks else ""
+    text = read_prompt(prompt, say) if asks else ""
+    system, replaced = valid_text(options.system or "")
+    say_replaced("the system message", replaced, say)
     choice = policy_choice(cfg, options.knobs)
     strategy = Strategy(cfg.strategy)
     if options.local_only and strategy is Strategy.CLOUD:
@@ -305,7 +312,9 @@ def build_run(options: EdgeOptions, prompt: str | None = None, *, asks: bool = F
         )
     cloud_only = strategy is Strategy.CLOUD and bool(cfg.cloud) and not options.local_only
     if not cloud_only:
-        model_path(cfg)  # a bad model: one line, before any notice
+        model = model_path(cfg)  # a bad model: one line, before any notice
+        if asks:  # the small model writes: its context must hold the prompt, and more
+            check_prompt_fits(model, cfg.context_length, opening(system, [Message("user", text)]))
     transport, run_strategy = connect_cloud(cfg, strategy, options.local_only, say)
     drafter: LlamaDrafter | LazyDrafter
     if cloud_only:  # the cloud strategy loads the small model only to fall back
@@ -341,4 +350,11 @@ def build_run(options: EdgeOptions, prompt: str | None = None, *, asks: bool = F
         check,
         text,
         mode_reason,
+        system,
     )
+
+
+def opening(system: str, messages: Sequence[Message]) -> list[Message]:
+    from shared.wire import Message
+
+    return [*([Message("system", system)] if system else []), *messages]

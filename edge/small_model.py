@@ -58,6 +58,43 @@ def _resolve_model_name(model: str) -> str:
         return model  # let the drafter report "not found" with the path as typed
 
 
+# what a chat template may add to a prompt (role markers, a default system message), in
+# tokens, at most: a prompt this far below the context is not counted (see check_prompt_fits)
+TEMPLATE_ALLOWANCE = 1024
+
+
+def check_prompt_fits(model: str, context_length: int, messages: Sequence[Message]) -> None:
+    """Refuse, in one line, a prompt that leaves the small model no room in its context,
+    before the model loads. A token is at least one byte of text for these tokenizers, so a
+    prompt of few enough bytes fits without counting; a longer one is counted exactly, with
+    the model's tokenizer and chat template read from its file without the weights."""
+    given = sum(len(m.content.encode("utf-8")) for m in messages)
+    if given + TEMPLATE_ALLOWANCE < context_length:
+        return
+    tokens = count_prompt_tokens(model, messages)
+    if tokens >= context_length:
+        raise EdgeError(
+            f"the prompt is {tokens} tokens; the edge model's context is {context_length}: "
+            "shorten the prompt, or raise context_length (SPECTHINK_CONTEXT_LENGTH or the "
+            "config file) within what the model was trained on"
+        )
+
+
+def count_prompt_tokens(model: str, messages: Sequence[Message]) -> int:
+    """The tokens the small model's first call evaluates: the conversation rendered with
+    its chat template, and what its answer opens with."""
+    from edge.drafter import DrafterError, load_vocabulary
+
+    try:
+        vocab = load_vocabulary(model)
+    except DrafterError as exc:
+        raise EdgeError(str(exc)) from None
+    try:
+        return len(vocab.tokenize(messages, vocab.think_prefix))
+    finally:
+        vocab.close()
+
+
 def load_drafter(cfg: EffectiveConfig) -> LlamaDrafter:
     from edge.drafter import DrafterError, LlamaDrafter
 

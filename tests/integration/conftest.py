@@ -42,16 +42,10 @@ def smol_paged(smol_engine: Any) -> Any:
     """A `PagedEngine` (`serve --engine paged`) on the same SmolLM2 weights: its own slot
     pool (16 slots of 2,048 tokens), the model object shared with `smol_engine`."""
     from cloud.engine import PagedEngine
+    from tests.integration.engine_calls import like
 
-    return PagedEngine(
-        smol_engine.model,
-        smol_engine.tokenizer,
-        model_id="smol",
-        device=smol_engine.device,
-        loaded_from=smol_engine.loaded_from,
-        context_length=2047,
-        max_cache_bytes=16 * 2048 * smol_engine.memory.bytes_per_token,
-    )
+    slots = 16 * 2048 * smol_engine.memory.bytes_per_token
+    return like(smol_engine, PagedEngine, context_length=2047, max_cache_bytes=slots)
 
 
 @pytest.fixture(scope="session", params=["rows", "paged"])

@@ -57,3 +57,17 @@ def release(engine: Any) -> None:
     held = _LOOPS.pop(id(engine), None)
     if held is not None:
         held[1].close()
+
+
+def like(engine: Any, cls: Any = None, model: Any = None, **options: Any) -> Any:
+    """Another engine on `engine`'s model object (the weights shared, not reloaded): of
+    `engine`'s class unless `cls` says, around `model` if given (e.g. a wrapper that
+    injects faults), with its own `options` (prefill_chunk, max_cache_bytes, ...)."""
+    return (cls or type(engine))(
+        model if model is not None else engine.model,
+        engine.tokenizer,
+        model_id="smol",
+        device=engine.device,
+        loaded_from=engine.loaded_from,
+        **options,
+    )

@@ -28,7 +28,7 @@ from shared.wire import (  # noqa: E402
     Sampling,
     TextChunk,
 )
-from tests.integration.engine_calls import generate, prefill  # noqa: E402
+from tests.integration.engine_calls import generate, like, prefill  # noqa: E402
 
 pytestmark = pytest.mark.real_models
 
@@ -55,11 +55,12 @@ def engine(smol_either: TransformersEngine) -> TransformersEngine:
     return smol_either
 
 
-def rows_only(engine: TransformersEngine) -> None:
-    """For what only the row engine has (byte budgets of growing caches; the paged one
-    keeps slots), or what both share and need not run twice (loading)."""
-    if engine.kind != "rows":
-        pytest.skip("the row engine's (see rows_only)")
+@pytest.fixture()
+def rows(smol_engine: TransformersEngine) -> TransformersEngine:
+    """The row engine alone: for what only it has (byte budgets of growing caches; the
+    paged one keeps slots, tested in test_engine_paged.py), or what both paths share and
+    need not run twice (loading)."""
+    return smol_engine
 
 
 @pytest.fixture()
@@ -205,12 +206,8 @@ def test_prefill_then_generate_reuses_everything_but_the_last_token(engine, fres
 
 
 def test_chunked_prefill_matches_one_shot(gguf, engine, fresh_id):
-    chunked = type(engine)(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+    chunked = like(
+        engine,
         prefill_chunk=5,
     )
     text = "The sea is deep and blue and full of fish that swim."
@@ -221,14 +218,11 @@ def test_chunked_prefill_matches_one_shot(gguf, engine, fresh_id):
 # ---- eviction ---------------------------------------------------------------------------
 
 
-def test_memory_budget_counts_bytes_and_evicts_lru(engine, gguf):
-    rows_only(engine)
-    small = TransformersEngine(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+def test_memory_budget_counts_bytes_and_evicts_lru(rows, gguf):
+    engine = rows
+    small = like(
+        engine,
+        TransformersEngine,
         max_cache_bytes=1,  # replaced below once one session's size is known
     )
     small.max_cache_bytes = 1 << 40
@@ -250,14 +244,11 @@ def test_memory_budget_counts_bytes_and_evicts_lru(engine, gguf):
     assert again.text == cold(engine, "The sea is deep and").text
 
 
-def test_a_budget_smaller_than_one_session_keeps_nothing(engine):
-    rows_only(engine)
-    tiny = TransformersEngine(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+def test_a_budget_smaller_than_one_session_keeps_nothing(rows):
+    engine = rows
+    tiny = like(
+        engine,
+        TransformersEngine,
         max_cache_bytes=1000,
     )
     _, first = run(tiny, "a", "The sea")
@@ -271,12 +262,8 @@ def test_a_budget_smaller_than_one_session_keeps_nothing(engine):
 
 def test_idle_sessions_expire_after_the_ttl(engine):
     clock = FakeClock()
-    ttl = type(engine)(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+    ttl = like(
+        engine,
         session_ttl_s=60,
         clock=clock,
     )
@@ -316,12 +303,8 @@ def test_cancel_during_decode_leaves_a_usable_cache(engine, fresh_id):
 
 
 def test_cancel_during_prefill(engine):
-    chunked = type(engine)(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+    chunked = like(
+        engine,
         prefill_chunk=4,
         context_length=2047,
     )
@@ -383,12 +366,8 @@ def test_end_of_sequence_finishes_with_stop(engine, fresh_id):
 
 
 def test_context_window(engine, fresh_id):
-    small = type(engine)(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
+    small = like(
+        engine,
         context_length=engine.count_tokens(MSGS, "The sea is") + 3,
     )
     _, done = run(small, "a", "The sea is", n=20)
@@ -431,8 +410,8 @@ def test_seeded_sampling_is_reproducible(engine, fresh_id):
 # ---- loading ---------------------------------------------------------------------------
 
 
-def test_second_load_uses_the_converted_folder(engine, gguf, engine_cache_dir, monkeypatch):
-    rows_only(engine)  # loading is the same for both paths
+def test_second_load_uses_the_converted_folder(rows, gguf, engine_cache_dir, monkeypatch):
+    engine = rows  # loading is the same for both paths
     import cloud.engine.weights
 
     gguf_loads: list[str] = []  # loads that read (and dequantize) the GGUF file itself

@@ -21,7 +21,7 @@ from cloud.engine import PagedEngine, TransformersEngine  # noqa: E402
 from cloud.engine_api import Generated  # noqa: E402
 from cloud.engine_thread import EngineThread  # noqa: E402
 from shared.wire import Message, Sampling  # noqa: E402
-from tests.integration.engine_calls import generate  # noqa: E402
+from tests.integration.engine_calls import generate, like  # noqa: E402
 
 pytestmark = pytest.mark.real_models
 
@@ -36,15 +36,8 @@ def text_of(target, session: str, text: str, n: int = 8) -> Generated:
 
 
 def paged_like(engine: TransformersEngine, slots: int, context: int = 511) -> PagedEngine:
-    return PagedEngine(
-        engine.model,
-        engine.tokenizer,
-        model_id="smol",
-        device=engine.device,
-        loaded_from=engine.loaded_from,
-        context_length=context,
-        max_cache_bytes=slots * (context + 1) * engine.memory.bytes_per_token,
-    )
+    size = slots * (context + 1) * engine.memory.bytes_per_token
+    return like(engine, PagedEngine, context_length=context, max_cache_bytes=size)
 
 
 def test_the_pool_holds_a_whole_number_of_slots_and_evicts_the_least_recent(smol_engine):
@@ -116,15 +109,8 @@ def tight(request, smol_engine) -> Iterator[tuple[TransformersEngine, OutOfMemor
     """An engine whose device holds 2 decoding rows at most."""
     model = OutOfMemoryAbove(smol_engine.model, rows=2)
     cls = TransformersEngine if request.param == "rows" else PagedEngine
-    engine = cls(
-        model,
-        smol_engine.tokenizer,
-        model_id="smol",
-        device=smol_engine.device,
-        loaded_from=smol_engine.loaded_from,
-        context_length=511,
-        max_cache_bytes=8 * 512 * smol_engine.memory.bytes_per_token,
-    )
+    size = 8 * 512 * smol_engine.memory.bytes_per_token
+    engine = like(smol_engine, cls, model, context_length=511, max_cache_bytes=size)
     yield engine, model
 
 

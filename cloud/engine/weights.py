@@ -70,17 +70,14 @@ def _check_gguf(path: Path) -> None:
         raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
 
 
-def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, Any, Any]:
-    """Dequantize a GGUF file once into a Hugging Face folder under `cache_dir/converted/`.
-
-    Returns (folder, model, tokenizer); model and tokenizer are None when the folder was
-    already there. The folder appears atomically (temp dir + rename), so a killed
-    conversion leaves no half folder behind.
-    """
+def convert_gguf(path: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into a Hugging Face folder under `cache_dir/converted/`;
+    returns the folder (read like any other: straight onto the device). The folder
+    appears atomically (temp dir + rename), so a killed conversion leaves no half folder."""
     converted = cache_dir / "converted"
     folder = converted / f"{path.stem}-{gguf_digest(path)}"
     if (folder / "config.json").is_file():
-        return folder, None, None
+        return folder
     _check_gguf(path)
     log.info("converting %s (once) to %s", path, folder)
     try:
@@ -105,7 +102,7 @@ def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, Any, Any]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder, model, tokenizer
+    return folder
 
 
 def hub_problem(model_id: str, timeout_s: float = 3.0) -> str | None:
@@ -132,23 +129,23 @@ def hub_problem(model_id: str, timeout_s: float = 3.0) -> str | None:
     return None
 
 
-def resolve(model: str, cache_dir: Path) -> tuple[str, Path | None, Any, Any]:
-    """(what to from_pretrained, the GGUF converted folder if any, preloaded model/tokenizer)."""
+def resolve(model: str, cache_dir: Path) -> tuple[str, Path | None]:
+    """(what to from_pretrained, the GGUF's converted folder if it was one)."""
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path}: not a model (expected a .gguf file or a model folder)")
-        folder, m, t = convert_gguf(path, cache_dir)
-        return str(folder), folder, m, t
+        folder = convert_gguf(path, cache_dir)
+        return str(folder), folder
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a model folder (no config.json)")
-        return str(path), None, None, None
+        return str(path), None
     if _HUB_ID.match(model) and not model.endswith(".gguf"):
         problem = hub_problem(model)
         if problem is not None:
             raise ValueError(f"{model}: {problem}")
-        return model, None, None, None
+        return model, None
     raise ValueError(f"{model}: no such model file or folder")
 
 
@@ -183,7 +180,7 @@ def load_weights(
     dev = pick_device(device)
     dtype_ = getattr(torch, resolve_dtype(dtype, dev.type, read_cpu_bf16_flags()).name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    source, converted, _, _ = resolve(model, cache_dir)
+    source, converted = resolve(model, cache_dir)
     # Straight onto the device: transformers builds the model on the meta device and
     # reads each tensor from the checkpoint into its place (`device_map`), so the host
     # never holds a full copy. A GGUF is dequantized on the host once, when converted;

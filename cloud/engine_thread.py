@@ -92,6 +92,7 @@ class EngineThread:
         self._limit = self.max_running  # calls that take part in steps (lower after an OOM)
         self._calm = 0  # decode steps since the last out-of-memory
         self._observers: list[Callable[[int], None]] = []
+        self._shed_observers: list[Callable[[int], None]] = []
         self._arrivals: queue.Queue[_Call | None] = queue.Queue()
         self._waiting: deque[_Call] = deque()
         self._running: list[_Call] = []
@@ -102,6 +103,10 @@ class EngineThread:
     def add_step_observer(self, observer: Callable[[int], None]) -> None:
         """Call `observer(batch_size)` after every decode step (metrics)."""
         self._observers.append(observer)
+
+    def add_shed_observer(self, observer: Callable[[int], None]) -> None:
+        """Call `observer(calls_left_running)` after every out-of-memory shed (metrics)."""
+        self._shed_observers.append(observer)
 
     def close(self) -> None:
         self._arrivals.put(None)
@@ -206,6 +211,8 @@ class EngineThread:
         if len(active) > 1:
             self._limit, self._calm = max(1, len(active) // 2), 0
             self.sheds += 1
+            for observe in self._shed_observers:
+                observe(self._limit)
         else:
             self.health.step_failed(exc)
             self._finish(failed, exc)

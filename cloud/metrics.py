@@ -141,6 +141,16 @@ class Metrics:
         self.engine_steps = prom.Gauge(
             "specthink:engine_steps", "Engine steps ended (the heartbeat).", registry=r
         )
+        self.engine_sheds = prom.Counter(
+            "specthink:engine_out_of_memory_sheds",
+            "Steps that ran out of device memory and made the newest calls wait (none failed).",
+            registry=r,
+        )
+        self.engine_shed_limit = prom.Gauge(
+            "specthink:engine_calls_after_shed",
+            "How many calls took part in steps after the last out-of-memory shed.",
+            registry=r,
+        )
         self._levels = {"running": 0.0, "waiting": 0.0}
 
     def watch_engine(self, engine: Any) -> None:
@@ -155,6 +165,13 @@ class Metrics:
         add_observer = getattr(engine, "add_step_observer", None)
         if add_observer is not None:
             add_observer(self.batch_size.observe)
+        add_shed_observer = getattr(engine, "add_shed_observer", None)
+        if add_shed_observer is not None:
+            add_shed_observer(self._shed)
+
+    def _shed(self, calls_left: int) -> None:
+        self.engine_sheds.inc()
+        self.engine_shed_limit.set(calls_left)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:
         if not self.enabled:

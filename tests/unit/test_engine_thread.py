@@ -353,12 +353,15 @@ class OutOfMemoryAbove(ScriptedStepEngine):
 def test_an_out_of_memory_step_sheds_the_newest_calls_and_every_call_completes():
     engine = OutOfMemoryAbove(fits=3)
     loop = EngineThread(engine)
+    sheds: list[int] = []
+    loop.add_shed_observer(sheds.append)  # what the metrics see
     results = held_back(engine, loop, {f"s{i}": (12, "x") for i in range(8)})
     for session, events in results.items():
         assert isinstance(events, list), (session, events)  # nobody failed
         assert [c.text for c in events[:-1]] == [str(i) for i in range(12)]
         assert isinstance(events[-1], Generated)
-    assert engine.ooms >= 1 and loop.sheds == engine.ooms
+    assert engine.ooms >= 1 and loop.sheds == engine.ooms == len(sheds)
+    assert all(1 <= left <= 4 for left in sheds)
     steps = engine.decode_steps()
     assert max(len(s) for s in steps) <= 3  # every step that ran fitted
     first_oom = next(i for i, entry in enumerate(engine.log) if entry[0] == "oom")

@@ -115,18 +115,25 @@ class Vocabulary:
         return list(model.tokenize(joined.encode("utf-8"), add_bos=add_bos, special=True))
 
 
+def _runtime() -> Any:
+    """llama_cpp, imported when first needed; a missing extra is one line."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise DrafterError(
+            "the edge runtime is not installed: pip install 'specthink[edge]'"
+        ) from None
+    return llama_cpp
+
+
 def load_vocabulary(model_path: str | Path) -> Vocabulary:
     """The tokenizer and chat template of a GGUF file without its weights (a fraction of a
     second, and of the memory, of loading the model)."""
     path = Path(model_path).expanduser()
     check_gguf(path)
-    try:
-        import llama_cpp
-        from llama_cpp._internals import LlamaModel
-    except ImportError:
-        raise DrafterError(
-            "the edge runtime is not installed: pip install 'specthink[edge]'"
-        ) from None
+    llama_cpp = _runtime()
+    from llama_cpp._internals import LlamaModel
+
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     try:
@@ -151,12 +158,9 @@ class LlamaDrafter:
         started = time.perf_counter()
         path = Path(model_path).expanduser()
         check_gguf(path)
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise DrafterError(
-                "the edge runtime is not installed: pip install 'specthink[edge]'"
-            ) from None
+        _runtime()  # one line if the extra is missing
+        from llama_cpp import Llama
+
         drafter = self
 
         class _CountingLlama(Llama):  # type: ignore[misc]

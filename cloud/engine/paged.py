@@ -240,7 +240,7 @@ class PagedEngine(EngineBase):
             crop=lambda slot, n: None,  # a session's length is its ids; columns past it are dead
             bytes_per_token=self.memory.bytes_per_token,
             clock=clock,
-            running_bytes=lambda running: len(running) * size,
+            running_bytes=self._running_bytes,
             release=self.pool.release,
         )
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-BUILTIN = ("math500", "aime2024", "math500-l123-s60", "math500-l123-calib")
+BUILTIN = (
+    "math500",
+    "aime2024",
+    "math500-l123-s60",
+    "math500-l123-s60b",
+    "math500-l123-calib",
+)
 
 
 def resolve(name_or_path: str | Path) -> Path:

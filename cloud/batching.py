@@ -52,6 +52,10 @@ class StepRun:
         self.pending: int | None = None  # sampled, KV not computed yet
         self.in_batch = False  # its KV is a row of the batch, not in s.cache
         self.t0 = self.t1 = self.t2 = 0.0  # started, prefilled, finished (perf_counter)
+        # a judged prefill: prompt tokens from this index on are the probe, whose
+        # log-probabilities (`logprobs`) the prefill collects
+        self.score_from: int | None = None
+        self.logprobs: list[float] = []
 
     @property
     def prefilling(self) -> bool:
@@ -75,7 +79,7 @@ class StepRun:
         prompt = len(self.prompt)
         if self.output is None:
             usage = Usage(prompt, self.cached, prompt - self.cached, 0)
-            return Prefilled(usage=usage, prefill_s=self.t1 - self.t0)
+            return Prefilled(usage, self.t1 - self.t0, tuple(self.logprobs))
         assert self.output.finish is not None
         usage = Usage(prompt, self.cached, prompt - self.cached, self.output.generated)
         return Generated(

@@ -51,6 +51,9 @@ class Generated:
 class Prefilled:
     usage: Usage
     prefill_s: float
+    # a judged prefill (`GenerateRequest.probe`): the log-probability (nats) of each of the
+    # probe's tokens after the text before it, in order
+    probe_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class GenerateRequest:
     """One call from the servicer to the engine: continue `assistant_text` after
     `messages` in `session` (whose KV cache is reused for the longest common token
     prefix), writing up to `max_tokens` (a prefill writes none) with `sampling`, ending
-    early at any of `stop`."""
+    early at any of `stop`. A prefill with a `probe` brings the cache up to
+    `assistant_text + probe` and scores the probe's tokens (`Prefilled.probe_logprobs`)."""
 
     session: str
     messages: tuple[Message, ...]
@@ -66,6 +70,7 @@ class GenerateRequest:
     max_tokens: int = 0
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
+    probe: str = ""
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,18 @@ class Metrics:
         self.errors = prom.Counter(
             "specthink:request_errors", "Requests that failed.", ["code"], registry=r
         )
+        self.judge_verdicts = prom.Counter(
+            "specthink:judge_verdicts",
+            "Probes judged (cloud-judge trigger), by verdict: accepted or rejected.",
+            ["verdict"],
+            registry=r,
+        )
+        self.judge_score = prom.Histogram(
+            "specthink:judge_score",
+            "The judge's score of each probe: mean log-probability per token (nats).",
+            buckets=(-8.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0),
+            registry=r,
+        )
         # ---- load, for the autoscaler: rises with the batch, before anything waits
         self.batch_usage = prom.Gauge(
             "specthink:batch_usage_perc",

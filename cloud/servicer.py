@@ -46,18 +46,22 @@ from cloud.engine_api import (
     EngineOutOfMemory,
     Generated,
     GenerateRequest,
+    Prefilled,
 )
 from cloud.metrics import Metrics
 from cloud.rpc_calls import CallLog, RpcCalls, parsed
 from cloud.sessions import SessionStore, engine_key
 from shared import errors
-from shared.policy import continuation_keyword
+from shared.policy import continuation_keyword, judge_accepts, judge_score
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
+    FINISH_PROBE_ACCEPTED,
     FullText,
+    JudgeSpec,
+    JudgeVerdict,
     Message,
     Sampling,
     TakeoverDone,
@@ -68,10 +72,12 @@ from shared.wire import (
     WriteSpec,
     chunk_to_pb,
     done_to_pb,
+    judge_from_pb,
     sampling_from_pb,
     text_digest,
     text_from_pb,
     usage_to_pb,
+    verdict_to_pb,
     write_from_pb,
 )
 
@@ -98,6 +104,30 @@ class _Accepted:
     def cost(self) -> int:
         """Admission's estimate of the prompt's tokens."""
         return len(self.text) // _CHARS_PER_TOKEN
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What a takeover wrote (or kept: a judged probe), and what it cost."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    prefill_s: float
+    decode_s: float = 0.0
+    continued_on: str | None = None
+
+    def after(self, scored: Prefilled) -> _Written:
+        """This write, counting the judge's prefill before it."""
+        u = self.usage
+        usage = Usage(
+            u.prompt_tokens,
+            u.cached_tokens,
+            u.prefilled_tokens + scored.usage.prefilled_tokens,
+            u.generated_tokens,
+        )
+        prefill_s = self.prefill_s + scored.prefill_s
+        return dataclasses.replace(self, usage=usage, prefill_s=prefill_s)
 
 
 class SpecThinkServicer(rpc.SpecThinkServicer):
@@ -226,68 +256,120 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         self, request: pb.TakeoverRequest, context: grpc.ServicerContext, call: CallLog
     ) -> Iterator[pb.TakeoverEvent]:
         # check
-        def fields() -> tuple[Sampling, WriteSpec]:
+        def fields() -> tuple[Sampling, WriteSpec, JudgeSpec | None]:
             sampling = validation.sampling(sampling_from_pb(request.sampling))
-            return sampling, validation.write(write_from_pb(request.write), self.limits)
+            write = validation.write(write_from_pb(request.write), self.limits)
+            return sampling, write, validation.judge(judge_from_pb(request), self.limits)
 
-        acc, (sampling, write) = self._accept(
+        acc, (sampling, write, judge) = self._accept(
             context, call, request.session_id, text_from_pb(request), fields
         )
         call.fields["delta_chars"] = acc.delta_chars
-        key, messages, text, should_stop = acc.key, acc.messages, acc.text, acc.should_stop
         # queue
         self.metrics.set("waiting", self.admission.waiting + 1)
-        with self.admission.slot(acc.cost, should_stop) as ticket:
+        with self.admission.slot(acc.cost, acc.should_stop) as ticket:
             self._gauge_load()
             self.metrics.observe("queue", ticket.queue_s)
-            # write
-            written = write.preamble
-            if write.preamble:
-                yield chunk_to_pb(TextChunk(write.preamble, 0))
-            ask = GenerateRequest(
-                key, messages, text + written, write.max_tokens, sampling, write.stop
-            )
-            result = yield from self._generate(ask, acc, context, call.started)
-            written += result.text
-            usage, prefill_s, decode_s = result.usage, result.prefill_s, result.decode_s
-            # verify: the continuation runs in the same call when a keyword was written
-            continued_on = None
-            if result.finish_reason == FINISH_LENGTH and write.continue_tokens:
-                continued_on = continuation_keyword(result.text, write.continue_if)
-            if continued_on:
-                ask = dataclasses.replace(
-                    ask, assistant_text=text + written, max_tokens=write.continue_tokens
-                )
-                more = yield from self._generate(ask, acc, context, None)
-                written += more.text
-                usage = Usage(
-                    usage.prompt_tokens,
-                    usage.cached_tokens,
-                    usage.prefilled_tokens + more.usage.prefilled_tokens,
-                    usage.generated_tokens + more.usage.generated_tokens,
-                )
-                prefill_s, decode_s = prefill_s + more.prefill_s, decode_s + more.decode_s
-                result = more
+            out: _Written | None = None
+            scored: Prefilled | None = None
+            if judge is not None:
+                verdict, scored = self._judge(acc, judge, context)
+                yield verdict_to_pb(verdict)
+                if verdict.accepted:  # the probe stays: it is this call's text
+                    out = _Written(
+                        judge.probe, FINISH_PROBE_ACCEPTED, scored.usage, scored.prefill_s
+                    )
+            if out is None:
+                out = yield from self._write(acc, sampling, write, context, call.started)
+                if scored is not None:  # the judge's prefill is this call's work too
+                    out = out.after(scored)
         self._gauge_load()
         # commit: every chunk was handed to the transport while the caller was there;
         # nothing it will not receive is committed
-        committed = text + written
-        if should_stop():
+        committed = acc.text + out.text
+        if acc.should_stop():
             raise self._why_stopped(context, acc.superseded)
-        if not self.sessions.commit(key, acc.turn, messages, committed, acc.base):
+        if not self.sessions.commit(acc.key, acc.turn, acc.messages, committed, acc.base):
             raise errors.Cancelled("superseded by a newer call on the same session")
         length, digest = text_digest(committed)
         yield done_to_pb(
             TakeoverDone(
-                result.finish_reason,
-                usage,
-                Timings(ticket.queue_s, prefill_s, decode_s),
-                continued_on,
+                out.finish_reason,
+                out.usage,
+                Timings(ticket.queue_s, out.prefill_s, out.decode_s),
+                out.continued_on,
                 length,
                 digest,
             )
         )
-        self._account(call, usage, result.finish_reason, ticket.queue_s, committed)
+        self._account(call, out.usage, out.finish_reason, ticket.queue_s, committed)
+
+    def _write(
+        self,
+        acc: _Accepted,
+        sampling: Sampling,
+        write: WriteSpec,
+        context: grpc.ServicerContext,
+        started: float,
+    ) -> Generator[pb.TakeoverEvent, None, _Written]:
+        """Stream the preamble and the engine's tokens; then, when they hold a verification
+        keyword, the continuation in the same call."""
+        written = write.preamble
+        if write.preamble:
+            yield chunk_to_pb(TextChunk(write.preamble, 0))
+        ask = GenerateRequest(
+            acc.key, acc.messages, acc.text + written, write.max_tokens, sampling, write.stop
+        )
+        result = yield from self._generate(ask, acc, context, started)
+        out = _Written(
+            written + result.text,
+            result.finish_reason,
+            result.usage,
+            result.prefill_s,
+            result.decode_s,
+        )
+        continued_on = None
+        if result.finish_reason == FINISH_LENGTH and write.continue_tokens:
+            continued_on = continuation_keyword(result.text, write.continue_if)
+        if not continued_on:
+            return out
+        ask = dataclasses.replace(
+            ask, assistant_text=acc.text + out.text, max_tokens=write.continue_tokens
+        )
+        more = yield from self._generate(ask, acc, context, None)
+        return _Written(
+            out.text + more.text,
+            more.finish_reason,
+            Usage(
+                out.usage.prompt_tokens,
+                out.usage.cached_tokens,
+                out.usage.prefilled_tokens + more.usage.prefilled_tokens,
+                out.usage.generated_tokens + more.usage.generated_tokens,
+            ),
+            out.prefill_s + more.prefill_s,
+            out.decode_s + more.decode_s,
+            continued_on,
+        )
+
+    def _judge(
+        self, acc: _Accepted, judge: JudgeSpec, context: grpc.ServicerContext
+    ) -> tuple[JudgeVerdict, Prefilled]:
+        """Prefill the text and the probe, score the probe, decide (`shared.policy`)."""
+        ask = GenerateRequest(acc.key, acc.messages, acc.text, probe=judge.probe)
+        try:
+            scored = self._model().prefill(ask, acc.should_stop)
+        except EngineCancelled:
+            raise self._why_stopped(context, acc.superseded) from None
+        except EngineContextFull:  # the probe does not fit: the write says what does
+            scored = Prefilled(Usage(), 0.0)
+        except EngineOutOfMemory:
+            raise errors.Overloaded("the model ran out of device memory", 2.0) from None
+        score = judge_score(scored.probe_logprobs)
+        accepted = bool(scored.probe_logprobs) and judge_accepts(score, judge.accept_at)
+        self.metrics.inc("judge_verdicts", verdict="accepted" if accepted else "rejected")
+        self.metrics.observe("judge_score", score)
+        verdict = JudgeVerdict(accepted, score, len(scored.probe_logprobs), scored.prefill_s)
+        return verdict, scored
 
     def _generate(
         self,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from shared import errors
-from shared.wire import FullText, Message, Sampling, TextDelta, WriteSpec
+from shared.wire import FullText, JudgeSpec, Message, Sampling, TextDelta, WriteSpec
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -31,6 +31,7 @@ class Limits:
     max_preamble_chars: int = 512
     max_keywords: int = 32
     max_keyword_chars: int = 64
+    max_probe_chars: int = 4096  # a judged probe (the edge drafts ~20 tokens)
 
 
 def _invalid(message: str) -> errors.InvalidRequest:
@@ -107,6 +108,18 @@ def _strings(values: tuple[str, ...], name: str, most: int, chars: int) -> None:
         if not value or len(value) > chars:
             raise _invalid(f"each of {name} must be 1-{chars} characters")
         _check_utf8(value, name)
+
+
+def judge(value: JudgeSpec | None, limits: Limits) -> JudgeSpec | None:
+    """A judged takeover's probe and threshold (None: not judged)."""
+    if value is None:
+        return None
+    if not 1 <= len(value.probe) <= limits.max_probe_chars:
+        raise _invalid(f"judge.probe must be 1 to {limits.max_probe_chars} characters")
+    _check_utf8(value.probe, "judge.probe")
+    if not math.isfinite(value.accept_at) or value.accept_at > 0:
+        raise _invalid("judge.accept_at_or_above must be a finite number <= 0")
+    return value
 
 
 def write(value: WriteSpec, limits: Limits) -> WriteSpec:

@@ -44,6 +44,7 @@ from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
     FullText,
+    JudgeVerdict,
     TakeoverCall,
     TakeoverDone,
     TextChunk,
@@ -259,7 +260,7 @@ class GrpcCloud:
         self.breaker.record(ok=True)
         return reply.committed_length, reply.committed_sha256
 
-    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         """One takeover, retried with backoff while nothing has arrived yet, all within
         one takeover budget."""
         if self._awaiting_check and self.check is not None:  # no race with the check
@@ -367,7 +368,9 @@ class GrpcCloud:
             return min(exc.retry_after_s, self.options.max_backoff_s)
         return min(self.options.max_backoff_s, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def _stream(self, call: TakeoverCall, timeout_s: float) -> Iterator[TextChunk | TakeoverDone]:
+    def _stream(
+        self, call: TakeoverCall, timeout_s: float
+    ) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         responses = self.stub.Takeover(
             call_to_pb(call),
             metadata=self._metadata(call.session_id),

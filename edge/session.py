@@ -11,7 +11,9 @@ The phases, as `SpeculativeSession.run` calls them:
   draft      -> the small model writes until a paragraph break, streaming
   look ahead -> at a break it drafts a short probe of the next paragraph (reasoning mode)
   decide     -> shared.policy keeps the probe or hands the pen to the large model
-  hand over  -> one streaming call; the cloud writes n1 (+ n2 when it verifies) tokens
+  hand over  -> one streaming call; the cloud writes n1 (+ n2 when it verifies) tokens;
+                with the cloud-judge trigger the call carries the probe, and the cloud first
+                judges it: kept (the edge writes on after it) or rolled back (it writes)
   fall back  -> if the cloud fails, the small model writes what the cloud did not of its
                 n1 tokens, up to the next break, where the policy decides again
   edge alone -> once the text no longer fits the cloud (its context is full, or the text is
@@ -27,10 +29,11 @@ appends to the generation prompt.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from edge.options import Strategy
@@ -41,6 +44,8 @@ from shared.wire import (
     FINISH_LENGTH,
     FINISH_STOP,
     FullText,
+    JudgeSpec,
+    JudgeVerdict,
     Message,
     Sampling,
     TakeoverCall,
@@ -88,7 +93,7 @@ class Drafter(Protocol):
 
 
 class CloudTransport(Protocol):
-    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         """One streaming takeover. Raises shared.errors.SpecThinkError subclasses."""
         ...
 
@@ -131,6 +136,10 @@ class Stats:
     cloud_prefills: int = 0
     cloud_prefills_abandoned: int = 0
     probe_tokens_discarded: int = 0
+    judge_calls: int = 0  # probes sent to the cloud's judge (cloud-judge trigger)
+    judge_accepts: int = 0  # of those, kept by the cloud
+    judge_wait_s: float = 0.0  # the edge's wait for the verdicts (the judge's cost on the edge)
+    judge_prefill_s: float = 0.0  # the cloud's prefill of text and probe (its cost there)
     cloud_wait_s: float = 0.0
     edge_draft_s: float = 0.0
     cloud_first_chunk_s: list[float] = field(default_factory=list)
@@ -150,6 +159,8 @@ class Answer:
         stats["ttft_s"] = round(stats["ttft_s"], 4)
         stats["cloud_wait_s"] = round(stats["cloud_wait_s"], 4)
         stats["edge_draft_s"] = round(stats["edge_draft_s"], 4)
+        stats["judge_wait_s"] = round(stats["judge_wait_s"], 4)
+        stats["judge_prefill_s"] = round(stats["judge_prefill_s"], 4)
         stats["cloud_first_chunk_s"] = [round(x, 4) for x in stats["cloud_first_chunk_s"]]
         return {
             "text": self.text,
@@ -264,19 +275,27 @@ class CloudSession:
         return FullText(messages, text)
 
     def takeover(
-        self, messages: Sequence[Message], text: str, sampling: Sampling, write: WriteSpec
-    ) -> Iterator[TextChunk | TakeoverDone]:
+        self,
+        messages: Sequence[Message],
+        text: str,
+        sampling: Sampling,
+        write: WriteSpec,
+        judge: JudgeSpec | None = None,
+    ) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         self._join_prefill()
         msgs = tuple(messages)
         body = self._text(msgs, text)
         received = ""
         for attempt in range(2):
-            call = TakeoverCall(self.session_id, body, sampling, write)
+            call = TakeoverCall(self.session_id, body, sampling, write, judge)
             self.calls += 1
             try:
                 for event in self.transport.takeover(call):
                     if isinstance(event, TextChunk):
                         received += event.text
+                    elif isinstance(event, JudgeVerdict):
+                        if event.accepted and judge is not None:
+                            received = judge.probe  # the cloud holds the probe now
                     else:
                         self._confirm(msgs, text + received, event)
                     yield event
@@ -432,17 +451,25 @@ class SpeculativeSession:
         entropies = [t.entropy for t in probe if t.entropy is not None]
         decision = policy.decide_at_break(config, self.state, probe_text, entropies)
         if decision.writer is Writer.EDGE:
-            segment = self._open_segment("edge", decision.reason)
-            self._write(segment, probe_text, sum(1 for t in probe if t.finish is None))
-            # a drafter that writes nothing more has ended, whether or not it said so
-            self.finish = next(
-                (t.finish for t in probe if t.finish), None if probe else FINISH_STOP
-            )
-            if self.finish is None and not policy.ends_paragraph(self.text):
-                self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=True, segment=segment)
-            return
-        self.stats.probe_tokens_discarded += sum(1 for t in probe if t.finish is None)
-        self._hand_over(decision)
+            self._draft_on(probe, self._write_probe(probe, decision.reason))
+        elif decision.asks_judge:
+            self._hand_over(decision, probe)
+        else:
+            self.stats.probe_tokens_discarded += sum(1 for t in probe if t.finish is None)
+            self._hand_over(decision)
+
+    def _write_probe(self, probe: Sequence[DraftToken], reason: str) -> Segment:
+        """The small model's probe becomes the answer's next text."""
+        segment = self._open_segment("edge", reason)
+        self._write(segment, "".join(t.text for t in probe), _written(probe))
+        return segment
+
+    def _draft_on(self, probe: Sequence[DraftToken], segment: Segment) -> None:
+        """After a kept probe, the small model writes on to the next break."""
+        # a drafter that writes nothing more has ended, whether or not it said so
+        self.finish = next((t.finish for t in probe if t.finish), None if probe else FINISH_STOP)
+        if self.finish is None and not policy.ends_paragraph(self.text):
+            self._draft(self.remaining, Rule.EDGE_DRAFT, stop_at_break=True, segment=segment)
 
     def _draft(
         self, budget: int, rule: Rule, stop_at_break: bool, segment: Segment | None = None
@@ -495,8 +522,10 @@ class SpeculativeSession:
         self.stats.edge_draft_s += self.clock() - started
         return probe
 
-    def _hand_over(self, decision: Decision) -> None:
-        """One call: the cloud writes decision.tokens (+ its verification continuation)."""
+    def _hand_over(self, decision: Decision, probe: Sequence[DraftToken] = ()) -> None:
+        """One call: the cloud writes decision.tokens (+ its verification continuation).
+        A decision that `asks_judge` sends `probe` along: the cloud's verdict comes first,
+        and a kept probe ends the call (the small model writes on after it)."""
         assert self.cloud is not None
         budget = min(decision.tokens, self.remaining)
         write = WriteSpec(
@@ -505,18 +534,30 @@ class SpeculativeSession:
             continue_if=decision.continue_if,
             continue_tokens=max(0, min(decision.continue_tokens, self.remaining - budget)),
         )
-        self.sink(Event("takeover", {"reason": decision.reason, "tokens": budget}))
-        self.stats.takeover_attempts += 1
-        segment = self._open_segment("cloud", decision.reason)
+        judge = None
+        if decision.asks_judge and decision.judge_threshold is not None:
+            judge = JudgeSpec("".join(t.text for t in probe), decision.judge_threshold)
+            self.stats.judge_calls += 1
+        segment = None if judge else self._cloud_segment(decision, budget)
+        kept: Segment | None = None  # the probe, when the cloud kept it
         started = self.clock()
         first_chunk = True
         waited: float | None = None  # set when the cloud failed: local writing is not waiting
         outgrown: str | None = None  # why the text no longer fits the cloud
         try:
             for event in self.cloud.takeover(
-                self._messages, self.text, self.options.sampling, write
+                self._messages, self.text, self.options.sampling, write, judge
             ):
-                if isinstance(event, TextChunk):
+                if isinstance(event, JudgeVerdict):
+                    decision = self._verdict(decision, event, self.clock() - started)
+                    if decision.writer is Writer.EDGE:
+                        kept = self._write_probe(probe, decision.reason)
+                    else:
+                        self.stats.probe_tokens_discarded += _written(probe)
+                        segment = self._cloud_segment(decision, budget)
+                elif isinstance(event, TextChunk):
+                    if segment is None:  # a cloud that does not judge wrote all the same
+                        segment = self._cloud_segment(decision, budget)
                     if first_chunk:
                         self.stats.cloud_first_chunk_s.append(self.clock() - started)
                         first_chunk = False
@@ -531,10 +572,14 @@ class SpeculativeSession:
             raise
         except errors.SpecThinkError as exc:
             waited = self.clock() - started
-            self._fall_back(decision, segment, budget, exc)
+            if segment is not None:
+                self._fall_back(decision, segment, budget, exc)
+            elif kept is None:  # no verdict came: the small model's probe stands
+                self._notice_fallback(exc)
+                kept = self._write_probe(probe, f"fallback:{type(exc).__name__}:{decision.reason}")
         finally:
             self.stats.cloud_wait_s += waited if waited is not None else self.clock() - started
-            if segment.text or segment.tokens:
+            if segment is not None and (segment.text or segment.tokens):
                 # the policy counts what the large model wrote, never the edge's stand-in;
                 # a hand-over where the cloud wrote nothing did not happen, for the policy
                 self.state = policy.after_takeover(
@@ -542,11 +587,37 @@ class SpeculativeSession:
                 )
         if outgrown is not None:
             self._edge_alone(decision, outgrown)
+        elif kept is not None and self.finish is None:
+            self._draft_on(probe, kept)
 
-    def _cloud_done(self, segment: Segment, done: TakeoverDone) -> None:
+    def _cloud_segment(self, decision: Decision, budget: int) -> Segment:
+        """The cloud is to write: say so, and open its segment."""
+        self.sink(Event("takeover", {"reason": decision.reason, "tokens": budget}))
+        self.stats.takeover_attempts += 1
+        return self._open_segment("cloud", decision.reason)
+
+    def _verdict(self, decision: Decision, verdict: JudgeVerdict, waited_s: float) -> Decision:
+        """The cloud judged the probe: the policy's decision with its score."""
+        self.stats.judge_wait_s += waited_s
+        self.stats.judge_prefill_s += verdict.prefill_s
+        judged = policy.judged(decision, verdict.score)
+        if (judged.writer is Writer.EDGE) != verdict.accepted:
+            # the cloud applied another threshold than it was sent: what it did stands
+            said = verdict.score if verdict.accepted else math.inf
+            judged = policy.judged(replace(decision, judge_threshold=said), verdict.score)
+        self.stats.judge_accepts += int(verdict.accepted)
+        self.sink(
+            Event(
+                "judge",
+                {"score": verdict.score, "accepted": verdict.accepted, "reason": judged.reason},
+            )
+        )
+        return judged
+
+    def _cloud_done(self, segment: Segment | None, done: TakeoverDone) -> None:
         self.stats.cloud_cached_tokens += done.usage.cached_tokens
         self.stats.cloud_prefill_tokens += done.usage.prefilled_tokens
-        if done.continued_on:
+        if done.continued_on and segment is not None:
             segment.reason += f"+verification:{done.continued_on}"
         if done.finish_reason == FINISH_STOP:
             self.finish = FINISH_STOP
@@ -558,17 +629,22 @@ class SpeculativeSession:
     ) -> None:
         """The cloud failed: keep what it sent, and the small model writes what is left of
         the cloud's n1 tokens, up to the next break (where the policy decides again)."""
-        self.stats.fallback = True
-        self.stats.fallbacks += 1
-        kind = type(exc).__name__
-        message = f"{_in_words(exc)} ({exc.message}); writing locally"
-        self._notice("fallback", message, error=kind)
-        if self.cloud is not None:
-            self.cloud.forget()
+        kind = self._notice_fallback(exc)
         rest = min(budget - segment.tokens, self.remaining)
         if rest > 0 and self.finish is None:
             local = self._open_segment("edge", f"fallback:{kind}:{decision.reason}")
             self._draft(rest, Rule.EDGE_DRAFT, stop_at_break=True, segment=local)
+
+    def _notice_fallback(self, exc: errors.SpecThinkError) -> str:
+        """Count a failed call, say so (once per kind, the renderer decides), and forget
+        what the cloud held. Returns the error's kind."""
+        self.stats.fallback = True
+        self.stats.fallbacks += 1
+        kind = type(exc).__name__
+        self._notice("fallback", f"{_in_words(exc)} ({exc.message}); writing locally", error=kind)
+        if self.cloud is not None:
+            self.cloud.forget()
+        return kind
 
     def _edge_alone(self, decision: Decision, why: str) -> None:
         """The text no longer fits the cloud, and it only grows: the small model writes the
@@ -591,6 +667,11 @@ class SpeculativeSession:
         while self.finish is None and self.remaining > 0:
             tokens = min(CLOUD_ONLY_CHUNK_TOKENS, self.remaining)
             self._hand_over(Decision(Writer.CLOUD, Rule.CLOUD_ONLY, None, tokens))
+
+
+def _written(probe: Sequence[DraftToken]) -> int:
+    """Tokens a probe holds (its end marker is none)."""
+    return sum(1 for t in probe if t.finish is None)
 
 
 def _in_words(exc: errors.SpecThinkError) -> str:

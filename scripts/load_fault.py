@@ -55,7 +55,7 @@ from edge.session import (
 )
 from shared import errors
 from shared.policy import Mode, PolicyConfig
-from shared.wire import Message, Sampling, TakeoverCall, TakeoverDone, TextChunk
+from shared.wire import JudgeVerdict, Message, Sampling, TakeoverCall, TakeoverDone, TextChunk
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -211,7 +211,9 @@ class CountingCloud(GrpcCloud):
 
     tally: Tally
 
-    def _stream(self, call: TakeoverCall, *args: Any) -> Iterator[TextChunk | TakeoverDone]:
+    def _stream(
+        self, call: TakeoverCall, *args: Any
+    ) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         try:
             yield from super()._stream(call, *args)
         except errors.Overloaded:
@@ -226,7 +228,7 @@ class TimedTransport:
     def __init__(self, inner: GrpcCloud, tally: Tally) -> None:
         self.inner, self.tally = inner, tally
 
-    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         started = time.perf_counter()
         first = True
         try:

@@ -23,6 +23,17 @@ hands in the entropy of the small model's next-token distribution at each probe 
 mean over the first `uncertainty_window` of them (by default the whole probe; 1 = the first
 token after the break, as in GlimpRouter) at or above `uncertainty_threshold` nats hands the
 pen over; below it the probe is kept. Verification continuation and the recap still apply.
+
+`trigger = "cloud-judge"` asks the large model instead, in the call that would hand over
+anyway: at each break the small model drafts its probe and the loop sends it with the
+takeover call; the cloud, which holds the session's KV, prefills the new text and the probe
+and scores the probe by its own likelihood (`judge_score`: the mean log-probability of the
+probe's tokens, in the cloud's tokenizer); at or above `judge_threshold` it keeps the probe
+(rule `cloud_accepts`), below it the probe is rolled back and it writes n1 tokens (rule
+`cloud_judge`), all in one round trip. With `judge_min_uncertainty` > 0 only probes the
+small model is unsure of (mean entropy at or above it) go to the judge; the others are kept
+without a call. The cloud applies `judge_accepts`; the loop turns the score it returns into
+the decision with `judged`.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class Trigger(enum.StrEnum):
 
     KEYWORDS = "keywords"  # the paper's keyword rules (reasoning) or every break (non-reasoning)
     UNCERTAINTY = "uncertainty"  # the small model's own entropy over the probe
+    CLOUD_JUDGE = "cloud-judge"  # the large model's likelihood of the probe, in the takeover call
 
 
 class Category(enum.StrEnum):
@@ -88,6 +100,8 @@ class Rule(enum.StrEnum):
     CLOUD_ONLY = "cloud_only"  # the cloud-only baseline strategy: the large model writes all
     UNCERTAINTY = "uncertainty"  # the small model was unsure at the break: large model writes n1
     CONFIDENT_PROBE = "confident_probe"  # the small model was sure: its probe is kept
+    CLOUD_JUDGE = "cloud_judge"  # the large model found the probe unlikely: it writes n1
+    CLOUD_ACCEPTS = "cloud_accepts"  # the large model found the probe likely: it is kept
 
 
 class PolicyConfigError(ValueError):
@@ -106,6 +120,12 @@ class PolicyConfig:
     # MATH-500 table (row probe-0.27; the first token alone at the same rate: unc-0.56).
     uncertainty_threshold: float = 0.27  # nats
     uncertainty_window: int = 20  # probe tokens whose entropy is averaged (1 = first token)
+    # cloud-judge: the probe is kept when the large model's mean log-probability of its
+    # tokens is at or above this (nats per token, <= 0)
+    judge_threshold: float = -1.0
+    # cloud-judge: probes whose mean entropy (the small model's) is below this are kept
+    # without asking the cloud (0: every probe is judged)
+    judge_min_uncertainty: float = 0.0
     probe_tokens: int = 20  # look-ahead drafted by the small model at a break
     takeover_tokens: int = 20  # n1
     verify_tokens: int = 125  # n2
@@ -126,10 +146,16 @@ class PolicyConfig:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 0):
                 raise PolicyConfigError(f"policy knob {f.name!r} must be an integer >= 0")
-        if not isinstance(self.uncertainty_threshold, int | float) or not (
-            0 <= self.uncertainty_threshold < math.inf
+        for name in ("uncertainty_threshold", "judge_min_uncertainty"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (0 <= value < math.inf):
+                raise PolicyConfigError(f"policy knob {name!r} must be a number >= 0")
+        if not isinstance(self.judge_threshold, int | float) or not (
+            -math.inf < self.judge_threshold <= 0
         ):
-            raise PolicyConfigError("policy knob 'uncertainty_threshold' must be a number >= 0")
+            raise PolicyConfigError(
+                "policy knob 'judge_threshold' must be a number <= 0 (a mean log-probability)"
+            )
         for name in (
             "probe_tokens",
             "takeover_tokens",
@@ -168,9 +194,18 @@ class Decision:
     continue_if: tuple[str, ...] = ()  # verification continuation keywords ...
     continue_tokens: int = 0  # ... and how many more tokens then
     uncertainty: float | None = None  # the measured probe uncertainty (uncertainty trigger)
+    judge_threshold: float | None = None  # cloud-judge: the cloud keeps the probe at or above
+    judge_score: float | None = None  # cloud-judge: the cloud's score of the probe, once known
+
+    @property
+    def asks_judge(self) -> bool:
+        """The cloud decides in the call: it keeps the probe, or writes `tokens`."""
+        return self.judge_threshold is not None and self.judge_score is None
 
     @property
     def reason(self) -> str:
+        if self.judge_score is not None:
+            return f"{self.rule}:{self.judge_score:.2f}"
         if self.uncertainty is not None:
             return f"{self.rule}:{self.uncertainty:.2f}"
         return f"{self.rule}:{self.keyword}" if self.keyword else str(self.rule)
@@ -258,11 +293,13 @@ def needs_probe(config: PolicyConfig, state: PolicyState) -> bool:
     """Whether the loop must draft a probe before `decide_at_break` can decide."""
     if state.negativity >= state.threshold:
         return False  # the recap comes next, whatever the probe says
-    return config.trigger is Trigger.UNCERTAINTY or config.mode is Mode.REASONING
+    return config.trigger is not Trigger.KEYWORDS or config.mode is Mode.REASONING
 
 
 def needs_uncertainty(config: PolicyConfig) -> bool:
     """Whether the loop must measure the small model's entropy over the probe."""
+    if config.trigger is Trigger.CLOUD_JUDGE:
+        return config.judge_min_uncertainty > 0
     return config.trigger is Trigger.UNCERTAINTY
 
 
@@ -283,10 +320,23 @@ def decide_at_break(
     """At a paragraph break: keep the small model's probe, or hand the pen over.
 
     `entropies`: the small model's next-token entropy at each probe token (uncertainty
-    trigger only)."""
+    trigger, and cloud-judge with `judge_min_uncertainty`). With cloud-judge the decision
+    `asks_judge`: the cloud keeps the probe or writes, and `judged` says which."""
     if state.negativity >= state.threshold:
         recap = _cloud(config, Rule.EXCESSIVE_REFLECTION, None, state.recap_tokens)
         return replace(recap, preamble=config.recap_text)
+    if config.trigger is Trigger.CLOUD_JUDGE:
+        measured: float | None = None
+        if config.judge_min_uncertainty > 0:
+            if entropies is None:
+                raise ValueError("judge_min_uncertainty needs the probe's entropies")
+            measured = probe_uncertainty(entropies, config)
+            if measured < config.judge_min_uncertainty:
+                return Decision(Writer.EDGE, Rule.CONFIDENT_PROBE, uncertainty=measured)
+        if not probe:  # the small model ended at the break: nothing to judge
+            return Decision(Writer.EDGE, Rule.CONFIDENT_PROBE, uncertainty=0.0)
+        ask = _cloud(config, Rule.CLOUD_JUDGE, None, config.takeover_tokens)
+        return replace(ask, judge_threshold=config.judge_threshold, uncertainty=measured)
     if config.trigger is Trigger.UNCERTAINTY:
         if entropies is None:
             raise ValueError("the uncertainty trigger needs the probe's entropies")
@@ -309,6 +359,35 @@ def decide_at_break(
         Category.VERIFICATION: Rule.VERIFICATION,
     }[found.category]
     return _cloud(config, rule, found.keyword, config.takeover_tokens)
+
+
+def judge_score(logprobs: Sequence[float]) -> float:
+    """The large model's score of a probe: the mean log-probability (nats) of its tokens
+    after the text before it. Per token, so that probes of any length compare; an empty
+    probe surprises nobody: 0."""
+    return sum(logprobs) / len(logprobs) if logprobs else 0.0
+
+
+def judge_accepts(score: float, threshold: float) -> bool:
+    """Whether the cloud keeps a probe it scored `score` (the one rule both sides apply)."""
+    return score >= threshold
+
+
+def judged(decision: Decision, score: float) -> Decision:
+    """A decision that `asks_judge`, once the cloud has scored the probe: kept (the small
+    model's probe stays, rule `cloud_accepts`) or not (the cloud writes, rule
+    `cloud_judge`); the reason carries the score either way."""
+    if decision.judge_threshold is None:
+        raise ValueError("only a decision that asks the judge can be judged")
+    if judge_accepts(score, decision.judge_threshold):
+        return Decision(
+            Writer.EDGE,
+            Rule.CLOUD_ACCEPTS,
+            uncertainty=decision.uncertainty,
+            judge_threshold=decision.judge_threshold,
+            judge_score=score,
+        )
+    return replace(decision, judge_score=score)
 
 
 def after_takeover(
@@ -384,7 +463,7 @@ def config_from_mapping(
                 raise PolicyConfigError(
                     f"policy knob {name!r} must be {choices}, not {value!r}"
                 ) from None
-        elif name == "uncertainty_threshold":
+        elif name in ("uncertainty_threshold", "judge_threshold", "judge_min_uncertainty"):
             try:
                 value = float(value)
             except (TypeError, ValueError):

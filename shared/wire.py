@@ -17,12 +17,14 @@ FINISH_LENGTH = "length"
 FINISH_STOP = "stop"  # end of sequence: the answer is complete
 FINISH_STOP_STRING = "stop_string"
 FINISH_CONTEXT_FULL = "context_full"
+FINISH_PROBE_ACCEPTED = "probe_accepted"  # a judged takeover: the cloud kept the probe
 
 _FINISH_TO_PB = {
     FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
     FINISH_STOP: pb.FINISH_REASON_END_OF_SEQUENCE,
     FINISH_STOP_STRING: pb.FINISH_REASON_STOP_STRING,
     FINISH_CONTEXT_FULL: pb.FINISH_REASON_CONTEXT_FULL,
+    FINISH_PROBE_ACCEPTED: pb.FINISH_REASON_PROBE_ACCEPTED,
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
@@ -71,11 +73,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class JudgeSpec:
+    """The caller's probe, for the cloud to keep (score at or above `accept_at`) or roll
+    back and write instead (the cloud-judge trigger; `shared.policy`)."""
+
+    probe: str
+    accept_at: float
+
+
+@dataclass(frozen=True)
 class TakeoverCall:
     session_id: str
     text: FullText | TextDelta
     sampling: Sampling = field(default_factory=Sampling)
     write: WriteSpec = field(default_factory=lambda: WriteSpec(max_tokens=20))
+    judge: JudgeSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,16 @@ class TextChunk:
 
     text: str
     tokens: int
+
+
+@dataclass(frozen=True)
+class JudgeVerdict:
+    """The cloud's judgement of a probe (the first event of a judged takeover)."""
+
+    accepted: bool
+    score: float  # mean log-probability of the probe's tokens, nats per token
+    probe_tokens: int  # the cloud's tokens it averages
+    prefill_s: float  # the prefill of the text and the probe
 
 
 @dataclass(frozen=True)
@@ -152,7 +174,16 @@ def call_to_pb(call: TakeoverCall) -> pb.TakeoverRequest:
     req.write.preamble = w.preamble
     req.write.continue_if_contains.extend(w.continue_if)
     req.write.continue_tokens = w.continue_tokens
+    if call.judge is not None:
+        req.judge.probe = call.judge.probe
+        req.judge.accept_at_or_above = call.judge.accept_at
     return req
+
+
+def judge_from_pb(req: pb.TakeoverRequest) -> JudgeSpec | None:
+    if not req.HasField("judge"):
+        return None
+    return JudgeSpec(req.judge.probe, req.judge.accept_at_or_above)
 
 
 def prefill_to_pb(session_id: str, text: FullText | TextDelta) -> pb.PrefillRequest:
@@ -212,9 +243,24 @@ def chunk_to_pb(chunk: TextChunk) -> pb.TakeoverEvent:
     return pb.TakeoverEvent(chunk=pb.TextChunk(text=chunk.text, tokens=chunk.tokens))
 
 
-def event_from_pb(event: pb.TakeoverEvent) -> TextChunk | TakeoverDone:
-    if event.WhichOneof("event") == "chunk":
+def verdict_to_pb(verdict: JudgeVerdict) -> pb.TakeoverEvent:
+    return pb.TakeoverEvent(
+        verdict=pb.JudgeVerdict(
+            accepted=verdict.accepted,
+            score=verdict.score,
+            probe_tokens=verdict.probe_tokens,
+            prefill_s=verdict.prefill_s,
+        )
+    )
+
+
+def event_from_pb(event: pb.TakeoverEvent) -> TextChunk | JudgeVerdict | TakeoverDone:
+    which = event.WhichOneof("event")
+    if which == "chunk":
         return TextChunk(event.chunk.text, event.chunk.tokens)
+    if which == "verdict":
+        v = event.verdict
+        return JudgeVerdict(v.accepted, v.score, v.probe_tokens, v.prefill_s)
     return done_from_pb(event.done)
 
 

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 
 from edge.session import DraftToken
 from shared import errors
+from shared.policy import judge_accepts
 from shared.wire import (
     FINISH_LENGTH,
+    FINISH_PROBE_ACCEPTED,
     FINISH_STOP,
     FullText,
+    JudgeVerdict,
     Message,
     Sampling,
     TakeoverCall,
@@ -57,6 +60,10 @@ class ScriptedCloud:
     # finish reason of each call's final message, in order (default: length, or end of
     # sequence on the last reply with end_of_sequence_on_last)
     finish_reasons: list[str] = field(default_factory=list)
+    # the judge's score of each judged call's probe, in order; a judged call when none is
+    # left is served like a cloud that predates the judge (it writes, no verdict)
+    judge_scores: list[float] = field(default_factory=list)
+    judges_at: float | None = None  # the threshold it applies (None: the caller's)
 
     def restart(self) -> None:
         self.committed.clear()
@@ -77,12 +84,28 @@ class ScriptedCloud:
         self.committed[session_id] = text
         return text_digest(text)
 
-    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | TakeoverDone]:
+    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
         self.calls.append(call)
         failure = self.fail_with.pop(0) if self.fail_with else None
         if failure is not None:
             raise failure
         text = self._resolve(call.session_id, call.text)
+        if call.judge is not None and self.judge_scores:
+            score = self.judge_scores.pop(0)
+            threshold = call.judge.accept_at if self.judges_at is None else self.judges_at
+            accepted = judge_accepts(score, threshold)
+            yield JudgeVerdict(accepted, score, len(call.judge.probe), 0.01)
+            if accepted:
+                kept = text + call.judge.probe
+                self.committed[call.session_id] = kept
+                yield TakeoverDone(
+                    FINISH_PROBE_ACCEPTED,
+                    Usage(len(kept), len(text), len(call.judge.probe), 0),
+                    Timings(),
+                    None,
+                    *text_digest(kept),
+                )
+                return
         reply = self.replies.pop(0) if self.replies else ["."]
         written = call.write.preamble
         if call.write.preamble:

@@ -227,13 +227,11 @@ class EngineBase:
     def cache_stats(self) -> CacheStats:
         return self.caches.stats()
 
-    def _reuse(self, s: CachedSession, prompt: list[int], need_logits: bool) -> int:
-        """Crop the session to its longest common token prefix with `prompt`; returns
-        how many prompt tokens are re-used. With need_logits, at least one prompt token
-        is left to compute, since sampling needs the last position's logits."""
-        keep = common_prefix(s.ids, prompt)
-        if need_logits:
-            keep = min(keep, len(prompt) - 1)
+    def _reuse(self, s: CachedSession, prompt: list[int], at_most: int) -> int:
+        """Crop the session to its longest common token prefix with `prompt`, and to
+        `at_most` tokens (the positions whose logits a call needs must be computed);
+        returns how many prompt tokens are re-used."""
+        keep = min(common_prefix(s.ids, prompt), at_most)
         crop(s.cache, keep)
         del s.ids[keep:]
         self.caches.count_reuse(keep)
@@ -264,9 +262,17 @@ class EngineBase:
         return StepRun(request.session, prompt, should_stop, output, sampling, seed)
 
     def plan_prefill(self, request: GenerateRequest, should_stop: ShouldStop) -> StepRun:
-        prompt = self.tokenize(request.messages, request.assistant_text)
+        """A prefill; with a `probe`, of the text and the probe, scoring the probe's tokens:
+        those after the longest common prefix of the text's tokens alone and the text's
+        with the probe's (a token that spans the seam is scored too)."""
+        text = request.assistant_text
+        prompt = self.tokenize(request.messages, text + request.probe)
         self._check_fits(prompt)
-        return StepRun(request.session, prompt, should_stop, None, Sampling(), 0)
+        run = StepRun(request.session, prompt, should_stop, None, Sampling(), 0)
+        if request.probe:
+            head = self.tokenize(request.messages, text)
+            run.score_from = max(1, min(common_prefix(head, prompt), len(prompt)))
+        return run
 
     # ---- the phases both paths share (the engine thread) ------------------------------
 
@@ -275,7 +281,11 @@ class EngineBase:
         run = own(run)
         run.t0 = time.perf_counter()
         run.s = self.caches.checkout(run.session)
-        run.cached = self._reuse(run.s, run.prompt, need_logits=run.output is not None)
+        # sampling needs the last position's logits, scoring those before each probe token
+        at_most = len(run.prompt) - 1 if run.output is not None else len(run.prompt)
+        if run.score_from is not None:
+            at_most = min(at_most, run.score_from - 1)
+        run.cached = self._reuse(run.s, run.prompt, at_most)
         if not run.prefilling:
             run.t1 = time.perf_counter()
 
@@ -296,6 +306,32 @@ class EngineBase:
         for r in runs:
             r.draws += 1
         return [int(t) for t in tokens.tolist()]
+
+    def _scored(self, run: StepRun, start: int, n: int) -> int:
+        """Logits a chunk of `run`'s prompt (positions start..start+n-1) must keep, counted
+        from its end: 1 (its last position, for sampling), or from the first position that
+        predicts a probe token on (a judged prefill)."""
+        if run.score_from is None:
+            return 1
+        first = max(start, run.score_from - 1)
+        return max(1, start + n - first) if first < len(run.prompt) - 1 else 1
+
+    def _score(self, run: StepRun, end: int, logits: torch.Tensor) -> None:
+        """Record the log-probabilities of the probe tokens that `logits` ([k, vocab], the
+        positions end-k..end-1 of the prompt) predict."""
+        if run.score_from is None:
+            return
+        first = end - logits.shape[0]
+        at = [
+            i
+            for i in range(logits.shape[0])
+            if run.score_from - 1 <= first + i < len(run.prompt) - 1
+        ]
+        if not at:
+            return
+        targets = torch.tensor([run.prompt[first + i + 1] for i in at], device=logits.device)
+        rows = torch.log_softmax(logits[at].float(), dim=-1)
+        run.logprobs.extend(rows.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())
 
     @property
     def sharing_chunk(self) -> int:

@@ -319,7 +319,14 @@ class PagedEngine(EngineBase):
                 p.slot, p.offset = p.run.s.cache.index, len(ids)
                 ids.extend(p.tokens)
                 positions.extend(range(p.start, p.start + len(p.tokens)))
-            keep = [*range(len(rows)), *(p.offset + len(p.tokens) - 1 for p in parts)]
+            # each row's logits, and each part's last (a judged prefill's: from its probe on)
+            keep = list(range(len(rows)))
+            spans: list[tuple[int, int]] = []  # per part: where its logits start, how many
+            for p in parts:
+                n = len(p.tokens)
+                k = self._scored(p.run, p.start, n)
+                spans.append((len(keep), k))
+                keep.extend(range(p.offset + n - k, p.offset + n))
             try:
                 out = self.model(
                     input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
@@ -350,12 +357,13 @@ class PagedEngine(EngineBase):
                 self._measure_prefill(len(ids), time.perf_counter() - started)
             # sample: every decoding row, and each prompt that is now complete
             wanting = list(zip(rows, range(len(rows)), strict=True))
-            for j, p in enumerate(parts):
+            for p, (at, k) in zip(parts, spans, strict=True):
                 run = p.run
+                self._score(run, p.start + len(p.tokens), logits[at : at + k])
                 if not run.prefilling:
                     run.t1 = time.perf_counter()
                     if wants_token(run):
-                        wanting.append((run, len(rows) + j))
+                        wanting.append((run, at + k - 1))
             if wanting:
                 picked = logits[torch.tensor([i for _, i in wanting], device=logits.device)]
                 tokens = self._pick_rows([r for r, _ in wanting], picked)

@@ -72,12 +72,22 @@ class TransformersEngine(EngineBase):
         budget = self.sharing_chunk if sharing else self.prefill_chunk
         width = min(mine[0].remaining, budget)
         group = mine[: max(1, budget // width)]
+        # a judged prefill keeps the logits of many positions: it runs alone
+        group = (
+            group[:1]
+            if group[0].score_from is not None
+            else [r for r in group if r.score_from is None]
+        )
         started = time.perf_counter()
         with torch.inference_mode():
             try:
                 if len(group) == 1:
-                    s, start = group[0].s, len(group[0].s.ids)  # type: ignore[union-attr]
-                    logits = [self._forward(s, group[0].prompt[start : start + width])]  # type: ignore[arg-type]
+                    run = group[0]
+                    s, start = run.s, len(run.s.ids)  # type: ignore[union-attr]
+                    chunk = run.prompt[start : start + width]
+                    kept = self._forward(s, chunk, self._scored(run, start, len(chunk)))  # type: ignore[arg-type]
+                    self._score(run, start + len(chunk), kept)
+                    logits = [kept[-1]]
                 else:
                     logits = self._forward_rows(group, width)
             except BaseException as exc:
@@ -128,17 +138,22 @@ class TransformersEngine(EngineBase):
                 run.t2 = time.perf_counter()
                 self.caches.checkin(run.session, run.s)
 
-    def _forward(self, s: CachedSession, ids: Sequence[int]) -> torch.Tensor:
-        """Run `ids` after the session's cached tokens; returns the last position's logits."""
+    def _forward(self, s: CachedSession, ids: Sequence[int], keep: int = 1) -> torch.Tensor:
+        """Run `ids` after the session's cached tokens; returns the logits of the last
+        `keep` positions ([keep, vocab])."""
         start = len(s.ids)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         kwargs: dict[str, Any] = {self._cache_kw: s.cache}
         out = self.model(
-            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=keep,
+            **kwargs,
         )
         s.ids.extend(ids)  # only once the forward has completed
-        return out.logits[0, -1]
+        return out.logits[0]
 
     def _forward_rows(self, runs: Sequence[StepRun], width: int) -> list[torch.Tensor]:
         """Up to `width` prompt tokens of each run in one forward: their caches as the

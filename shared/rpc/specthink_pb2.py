@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashared/rpc/specthink.proto\x12\x0cspecthink.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\x08\x46ullText\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specthink.v1.ChatMessage\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"E\n\tTextDelta\x12\x13\n\x0b\x62\x61se_length\x18\x01 \x01(\x04\x12\x13\n\x0b\x62\x61se_sha256\x18\x02 \x01(\t\x12\x0e\n\x06\x61ppend\x18\x03 \x01(\t\"]\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"v\n\tWriteSpec\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x10\n\x08preamble\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontinue_if_contains\x18\x04 \x03(\t\x12\x17\n\x0f\x63ontinue_tokens\x18\x05 \x01(\r\"\xd1\x01\n\x0fTakeoverRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x16.specthink.v1.FullTextH\x00\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x17.specthink.v1.TextDeltaH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.specthink.v1.Sampling\x12&\n\x05write\x18\x05 \x01(\x0b\x32\x17.specthink.v1.WriteSpecB\x06\n\x04text\"n\n\rTakeoverEvent\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.specthink.v1.TextChunkH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.specthink.v1.TakeoverDoneH\x00\x42\x07\n\x05\x65vent\")\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\"?\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\"\xea\x01\n\x0cTakeoverDone\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.specthink.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.specthink.v1.Usage\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.specthink.v1.Timings\x12\x11\n\tcontinued\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ontinued_on\x18\x05 \x01(\t\x12\x18\n\x10\x63ommitted_length\x18\x06 \x01(\x04\x12\x18\n\x10\x63ommitted_sha256\x18\x07 \x01(\t\"~\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x16.specthink.v1.FullTextH\x00\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x17.specthink.v1.TextDeltaH\x00\x42\x06\n\x04text\"\x91\x01\n\x0fPrefillResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.specthink.v1.Usage\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.specthink.v1.Timings\x12\x18\n\x10\x63ommitted_length\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_sha256\x18\x04 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xdc\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rchat_template\x18\x06 \x01(\x08\x12\x1f\n\x17max_tokens_per_takeover\x18\x07 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x08 \x01(\r\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x13\n\x0bmax_running\x18\n \x01(\r\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08*\xa9\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x32\xb7\x02\n\tSpecThink\x12H\n\x08Takeover\x12\x1d.specthink.v1.TakeoverRequest\x1a\x1b.specthink.v1.TakeoverEvent0\x01\x12\x46\n\x07Prefill\x12\x1c.specthink.v1.PrefillRequest\x1a\x1d.specthink.v1.PrefillResponse\x12G\n\x0cGetModelInfo\x12\x1e.specthink.v1.ModelInfoRequest\x1a\x17.specthink.v1.ModelInfo\x12O\n\nEndSession\x12\x1f.specthink.v1.EndSessionRequest\x1a .specthink.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashared/rpc/specthink.proto\x12\x0cspecthink.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\x08\x46ullText\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specthink.v1.ChatMessage\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"E\n\tTextDelta\x12\x13\n\x0b\x62\x61se_length\x18\x01 \x01(\x04\x12\x13\n\x0b\x62\x61se_sha256\x18\x02 \x01(\t\x12\x0e\n\x06\x61ppend\x18\x03 \x01(\t\"]\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"v\n\tWriteSpec\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x10\n\x08preamble\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontinue_if_contains\x18\x04 \x03(\t\x12\x17\n\x0f\x63ontinue_tokens\x18\x05 \x01(\r\"\xf5\x01\n\x0fTakeoverRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x16.specthink.v1.FullTextH\x00\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x17.specthink.v1.TextDeltaH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.specthink.v1.Sampling\x12&\n\x05write\x18\x05 \x01(\x0b\x32\x17.specthink.v1.WriteSpec\x12\"\n\x05judge\x18\x06 \x01(\x0b\x32\x13.specthink.v1.JudgeB\x06\n\x04text\"2\n\x05Judge\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pt_at_or_above\x18\x02 \x01(\x01\"X\n\x0cJudgeVerdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0cprobe_tokens\x18\x03 \x01(\r\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\"\x9d\x01\n\rTakeoverEvent\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.specthink.v1.TextChunkH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.specthink.v1.TakeoverDoneH\x00\x12-\n\x07verdict\x18\x03 \x01(\x0b\x32\x1a.specthink.v1.JudgeVerdictH\x00\x42\x07\n\x05\x65vent\")\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\"?\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\"\xea\x01\n\x0cTakeoverDone\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.specthink.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.specthink.v1.Usage\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.specthink.v1.Timings\x12\x11\n\tcontinued\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ontinued_on\x18\x05 \x01(\t\x12\x18\n\x10\x63ommitted_length\x18\x06 \x01(\x04\x12\x18\n\x10\x63ommitted_sha256\x18\x07 \x01(\t\"~\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x16.specthink.v1.FullTextH\x00\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x17.specthink.v1.TextDeltaH\x00\x42\x06\n\x04text\"\x91\x01\n\x0fPrefillResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.specthink.v1.Usage\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.specthink.v1.Timings\x12\x18\n\x10\x63ommitted_length\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_sha256\x18\x04 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xdc\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rchat_template\x18\x06 \x01(\x08\x12\x1f\n\x17max_tokens_per_takeover\x18\x07 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x08 \x01(\r\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x13\n\x0bmax_running\x18\n \x01(\r\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08*\xcb\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x12 \n\x1c\x46INISH_REASON_PROBE_ACCEPTED\x10\x05\x32\xb7\x02\n\tSpecThink\x12H\n\x08Takeover\x12\x1d.specthink.v1.TakeoverRequest\x1a\x1b.specthink.v1.TakeoverEvent0\x01\x12\x46\n\x07Prefill\x12\x1c.specthink.v1.PrefillRequest\x1a\x1d.specthink.v1.PrefillResponse\x12G\n\x0cGetModelInfo\x12\x1e.specthink.v1.ModelInfoRequest\x1a\x17.specthink.v1.ModelInfo\x12O\n\nEndSession\x12\x1f.specthink.v1.EndSessionRequest\x1a .specthink.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.rpc.specthink_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1833
-  _globals['_FINISHREASON']._serialized_end=2002
+  _globals['_FINISHREASON']._serialized_start=2059
+  _globals['_FINISHREASON']._serialized_end=2262
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_FULLTEXT']._serialized_start=90
@@ -44,29 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITESPEC']._serialized_start=337
   _globals['_WRITESPEC']._serialized_end=455
   _globals['_TAKEOVERREQUEST']._serialized_start=458
-  _globals['_TAKEOVERREQUEST']._serialized_end=667
-  _globals['_TAKEOVEREVENT']._serialized_start=669
-  _globals['_TAKEOVEREVENT']._serialized_end=779
-  _globals['_TEXTCHUNK']._serialized_start=781
-  _globals['_TEXTCHUNK']._serialized_end=822
-  _globals['_USAGE']._serialized_start=824
-  _globals['_USAGE']._serialized_end=929
-  _globals['_TIMINGS']._serialized_start=931
-  _globals['_TIMINGS']._serialized_end=994
-  _globals['_TAKEOVERDONE']._serialized_start=997
-  _globals['_TAKEOVERDONE']._serialized_end=1231
-  _globals['_PREFILLREQUEST']._serialized_start=1233
-  _globals['_PREFILLREQUEST']._serialized_end=1359
-  _globals['_PREFILLRESPONSE']._serialized_start=1362
-  _globals['_PREFILLRESPONSE']._serialized_end=1507
-  _globals['_MODELINFOREQUEST']._serialized_start=1509
-  _globals['_MODELINFOREQUEST']._serialized_end=1527
-  _globals['_MODELINFO']._serialized_start=1530
-  _globals['_MODELINFO']._serialized_end=1750
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1752
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1791
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1793
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1830
-  _globals['_SPECTHINK']._serialized_start=2005
-  _globals['_SPECTHINK']._serialized_end=2316
+  _globals['_TAKEOVERREQUEST']._serialized_end=703
+  _globals['_JUDGE']._serialized_start=705
+  _globals['_JUDGE']._serialized_end=755
+  _globals['_JUDGEVERDICT']._serialized_start=757
+  _globals['_JUDGEVERDICT']._serialized_end=845
+  _globals['_TAKEOVEREVENT']._serialized_start=848
+  _globals['_TAKEOVEREVENT']._serialized_end=1005
+  _globals['_TEXTCHUNK']._serialized_start=1007
+  _globals['_TEXTCHUNK']._serialized_end=1048
+  _globals['_USAGE']._serialized_start=1050
+  _globals['_USAGE']._serialized_end=1155
+  _globals['_TIMINGS']._serialized_start=1157
+  _globals['_TIMINGS']._serialized_end=1220
+  _globals['_TAKEOVERDONE']._serialized_start=1223
+  _globals['_TAKEOVERDONE']._serialized_end=1457
+  _globals['_PREFILLREQUEST']._serialized_start=1459
+  _globals['_PREFILLREQUEST']._serialized_end=1585
+  _globals['_PREFILLRESPONSE']._serialized_start=1588
+  _globals['_PREFILLRESPONSE']._serialized_end=1733
+  _globals['_MODELINFOREQUEST']._serialized_start=1735
+  _globals['_MODELINFOREQUEST']._serialized_end=1753
+  _globals['_MODELINFO']._serialized_start=1756
+  _globals['_MODELINFO']._serialized_end=1976
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1978
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2017
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=2019
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2056
+  _globals['_SPECTHINK']._serialized_start=2265
+  _globals['_SPECTHINK']._serialized_end=2576
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """A stop string was written."""
     FINISH_REASON_CONTEXT_FULL: _FinishReason.ValueType  # 4
     """The model's context window is full."""
+    FINISH_REASON_PROBE_ACCEPTED: _FinishReason.ValueType  # 5
+    """Judged takeovers only: the cloud kept the caller's probe and wrote nothing."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper): ...
 
@@ -51,6 +53,8 @@ FINISH_REASON_STOP_STRING: FinishReason.ValueType  # 3
 """A stop string was written."""
 FINISH_REASON_CONTEXT_FULL: FinishReason.ValueType  # 4
 """The model's context window is full."""
+FINISH_REASON_PROBE_ACCEPTED: FinishReason.ValueType  # 5
+"""Judged takeovers only: the cloud kept the caller's probe and wrote nothing."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -231,6 +235,7 @@ class TakeoverRequest(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     WRITE_FIELD_NUMBER: _builtins.int
+    JUDGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Client-chosen id, 1..128 chars of [A-Za-z0-9._:-]. Sessions are private to the
     caller's API key.
@@ -243,6 +248,12 @@ class TakeoverRequest(_message.Message):
     def sampling(self) -> Global___Sampling: ...
     @_builtins.property
     def write(self) -> Global___WriteSpec: ...
+    @_builtins.property
+    def judge(self) -> Global___Judge:
+        """Optional (cloud-judge trigger): the caller's own continuation, for the cloud to judge
+        before it writes. Unset: the cloud writes as always.
+        """
+
     def __init__(
         self,
         *,
@@ -251,10 +262,11 @@ class TakeoverRequest(_message.Message):
         delta: Global___TextDelta | None = ...,
         sampling: Global___Sampling | None = ...,
         write: Global___WriteSpec | None = ...,
+        judge: Global___Judge | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "full", b"full", "sampling", b"sampling", "text", b"text", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "full", b"full", "judge", b"judge", "sampling", b"sampling", "text", b"text", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "full", b"full", "sampling", b"sampling", "session_id", b"session_id", "text", b"text", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "full", b"full", "judge", b"judge", "sampling", b"sampling", "session_id", b"session_id", "text", b"text", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_text: _TypeAlias = _typing.Literal["full", "delta"]  # noqa: Y015
     _WhichOneofArgType_text: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
@@ -263,28 +275,100 @@ class TakeoverRequest(_message.Message):
 Global___TakeoverRequest: _TypeAlias = TakeoverRequest  # noqa: Y015
 
 @_typing.final
+class Judge(_message.Message):
+    """The caller's next step, for the cloud to judge by its own likelihood in the call that
+    would hand over anyway. The cloud prefills the assistant text and the probe in one pass
+    and scores the probe: the mean log-probability of the probe's tokens (its tokenizer)
+    after the text. At or above `accept_at_or_above` it keeps the probe (in its KV cache and
+    the session's text) and writes nothing; below it the probe is rolled back and the cloud
+    writes `write` after the assistant text, as in any takeover.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBE_FIELD_NUMBER: _builtins.int
+    ACCEPT_AT_OR_ABOVE_FIELD_NUMBER: _builtins.int
+    probe: _builtins.str
+    """The probe: text that follows the assistant text (after the delta). 1..4096 chars."""
+    accept_at_or_above: _builtins.float
+    """Mean log-probability threshold in nats per token: finite, <= 0."""
+    def __init__(
+        self,
+        *,
+        probe: _builtins.str = ...,
+        accept_at_or_above: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_at_or_above", b"accept_at_or_above", "probe", b"probe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Judge: _TypeAlias = Judge  # noqa: Y015
+
+@_typing.final
+class JudgeVerdict(_message.Message):
+    """The cloud's judgement of a Judge probe: the first event of a judged takeover."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PROBE_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFILL_S_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    """True: the probe is kept and the cloud writes nothing in this call."""
+    score: _builtins.float
+    """Mean log-probability of the probe's tokens (nats per token, <= 0; 0 for no token)."""
+    probe_tokens: _builtins.int
+    """How many of the cloud's tokens the score averages."""
+    prefill_s: _builtins.float
+    """Seconds the prefill of the text and the probe took (the judge's cost on the cloud)."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        score: _builtins.float = ...,
+        probe_tokens: _builtins.int = ...,
+        prefill_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "prefill_s", b"prefill_s", "probe_tokens", b"probe_tokens", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgeVerdict: _TypeAlias = JudgeVerdict  # noqa: Y015
+
+@_typing.final
 class TakeoverEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def chunk(self) -> Global___TextChunk:
         """A piece of the cloud's text, in order; the concatenation is the takeover's text."""
 
     @_builtins.property
     def done(self) -> Global___TakeoverDone: ...
+    @_builtins.property
+    def verdict(self) -> Global___JudgeVerdict:
+        """The judgement of TakeoverRequest.judge, before any chunk (judged takeovers only)."""
+
     def __init__(
         self,
         *,
         chunk: Global___TextChunk | None = ...,
         done: Global___TakeoverDone | None = ...,
+        verdict: Global___JudgeVerdict | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done", "verdict"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -62,6 +62,9 @@ class SpecThinkServicer:
     def Takeover(self, request, context):
         """One takeover: the cloud continues the assistant text and streams what it writes.
         Stream: zero or more TakeoverEvent.text chunks, then exactly one TakeoverEvent.done.
+        With `judge` set: first exactly one TakeoverEvent.verdict, then (probe rejected) the
+        chunks and done as above, or (probe accepted) done alone, with finish reason
+        PROBE_ACCEPTED and the committed text = assistant text + probe.
         Errors (gRPC status): INVALID_ARGUMENT (bad field, too long), UNAUTHENTICATED,
         RESOURCE_EXHAUSTED (queue full; trailing metadata "retry-after-ms"), UNAVAILABLE
         (loading or draining), FAILED_PRECONDITION (a delta's base does not match what the

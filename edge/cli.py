@@ -292,8 +292,13 @@ def eval_(
     limit: Annotated[int | None, typer.Option("--limit", help="First N problems.", min=1)] = None,
     levels: Annotated[str | None, typer.Option("--levels", help="MATH levels, e.g. 1,2.")] = None,
     strategies: Annotated[
-        str, typer.Option("--strategy", help="Comma-separated strategies (and variant names).")
-    ] = "speculative,edge,cloud",
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="Comma-separated strategies (and variant names), default speculative,edge,"
+            "cloud; with --report, the rows of the table, in this order (default: all).",
+        ),
+    ] = None,
     variants: Annotated[
         list[str] | None,
         typer.Option(
@@ -323,18 +328,31 @@ def eval_(
             "(no model, no cloud; safe beside a running eval).",
         ),
     ] = False,
+    also: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--also",
+            help="With --report: the rows of DIR/results.jsonl join the table (repeatable; "
+            "each (problem, strategy) from one folder only, same models and settings); "
+            "OUT/results.jsonl is read too if there is one, and the outputs go to OUT.",
+            metavar="DIR",
+        ),
+    ] = None,
     *,
     options: EdgeOptions,
 ) -> int:
     """Run DATASET under each strategy: accuracy, tokens, measured speed; table, JSON, PNG.
 
     Results are appended per problem to OUT/results.jsonl: an interrupted run resumes.
-    The table counts the problems every strategy has answered."""
+    The table counts the problems every strategy has answered; --report --also DIR joins
+    other folders' results into one table."""
     from edge import eval_command
 
     if report_only:
-        eval_command.report(dataset, out)
+        eval_command.report(dataset, out, also or [], strategies)
         return 0
+    if also:
+        raise EdgeError("--also only goes with --report (it adds results to a table)")
     finished = eval_command.run(
         dataset,
         options,

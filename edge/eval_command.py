@@ -3,14 +3,16 @@
 Boundary: edge/cli.py declares the options; this module turns them into problems, one policy
 per strategy (named `--variant`s included), a cloud transport and a drafter, runs
 `edge.evaluate.run_eval` (resumable, one row per problem and strategy), and writes the table,
-report.json and tradeoff.png. `report` does the last step alone from a results file: no
-model, no cloud, so it can run beside an eval that is still answering.
+report.json and tradeoff.png. `report` does the last step alone from the results of one or
+more folders (edge/eval_folders.py reads and joins them): no model, no cloud, so it can run
+beside an eval that is still answering.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from edge.cloud_client import GrpcCloud
     from edge.drafter import LlamaDrafter
 
+DEFAULT_STRATEGIES = "speculative,edge,cloud"  # a run's rows when --strategy is not given
 EVAL_MAX_TOKENS = 32768  # the evaluation budget of Speculative Thinking (its evaluation setup)
 
 
@@ -44,7 +47,7 @@ def run(
     *,
     limit: int | None,
     levels: str | None,
-    strategies: str,
+    strategies: str | None,
     variants: list[str],
     out: Path | None,
     restart: bool,
@@ -60,7 +63,7 @@ def run(
     from shared.wire import Message, Sampling
 
     named = _parse_variants(variants)
-    wanted = [s.strip() for s in strategies.split(",") if s.strip()]
+    wanted = [s.strip() for s in (strategies or DEFAULT_STRATEGIES).split(",") if s.strip()]
     wanted += [name for name in named if name not in wanted]
     unknown = [s for s in wanted if s not in (*Strategy, *named)]
     if not wanted or unknown:
@@ -167,23 +170,26 @@ def run(
     return not interrupted
 
 
-def report(dataset: str, out: Path | None) -> None:
-    """The table, report.json and tradeoff.png from OUT/results.jsonl as it stands."""
+def report(dataset: str, out: Path | None, also: list[Path], strategies: str | None = None) -> None:
+    """The table, report.json and tradeoff.png from OUT/results.jsonl as it stands, joined
+    by each ALSO/results.jsonl; only the `strategies` rows when given (comma-separated)."""
     from edge import datasets
-    from edge.datasets import EvalError
-    from edge.eval_results import read_results
+    from edge.eval_folders import report_rows
 
     path = datasets.resolve(dataset)
     out_dir = out or default_out(path)
-    results = out_dir / "results.jsonl"
-    try:
-        config, rows = read_results(results)
-    except EvalError as exc:
-        raise EdgeError(str(exc)) from None
-    if config is None or not rows:
-        raise EdgeError(f"no results in {results}: run the eval first")
-    strategies = list(config.get("strategies") or dict.fromkeys(r.strategy for r in rows))
-    write_outputs(rows, strategies, out_dir, path.stem, config, wrote_results=False)
+    chosen = None if strategies is None else [s.strip() for s in strategies.split(",") if s.strip()]
+    table = report_rows(out_dir, also, chosen, path.stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(
+        table.rows,
+        table.strategies,
+        out_dir,
+        path.stem,
+        table.config,
+        read_from=table.results_files,
+        order=table.strategies if chosen is not None else (),
+    )
 
 
 def write_outputs(
@@ -192,10 +198,13 @@ def write_outputs(
     out_dir: Path,
     dataset_name: str,
     run_config: dict[str, Any],
-    wrote_results: bool = True,
+    read_from: Sequence[Path] = (),
+    order: Sequence[str] = (),
 ) -> None:
     """Table on stdout, report.json and tradeoff.png, over the problems every strategy has
-    answered (a resumed or running eval compares like with like)."""
+    answered (a resumed or running eval compares like with like). `read_from`: the results
+    files a report read (none: the run wrote OUT/results.jsonl); `order`: the table's rows
+    first in this order (else edge, speculative, cloud, the others by name)."""
     from edge import eval_report
     from edge.evaluate import answered_by_all
 
@@ -206,20 +215,21 @@ def write_outputs(
             f"the table counts the {problems} problems every strategy has answered; "
             f"{left_out} row(s) of problems not yet answered by all are left out"
         )
-    summaries = eval_report.summarize(complete)
+    summaries = eval_report.summarize(complete, order)
     typer.echo(eval_report.format_table(summaries))
-    by_level_and_paired = eval_report.format_paired(complete)
+    by_level_and_paired = eval_report.format_paired(complete, order)
     if by_level_and_paired:
         typer.echo("\n" + by_level_and_paired)
     eval_report.write_report(summaries, complete, out_dir / "report.json", run_config=run_config)
     eval_report.plot(
         summaries, out_dir / "tradeoff.png", dataset=dataset_name, date=date.today().isoformat()
     )
-    report, png, results = (out_dir / n for n in ("report.json", "tradeoff.png", "results.jsonl"))
-    if wrote_results:
+    report, png = out_dir / "report.json", out_dir / "tradeoff.png"
+    results = out_dir / "results.jsonl"
+    if not read_from:
         notice(f"wrote {report}, {png} and {results}")
     else:  # --report only reads the results
-        notice(f"wrote {report} and {png}; read {results}")
+        notice(f"wrote {report} and {png}; read {', '.join(map(str, read_from))}")
 
 
 def _model_pair(transport: GrpcCloud | None, drafter: LlamaDrafter | None) -> dict[str, str | None]:

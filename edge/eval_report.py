@@ -53,10 +53,13 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _strategy_order(rows: Iterable[Row]) -> list[str]:
+def _strategy_order(rows: Iterable[Row], order: Sequence[str] = ()) -> list[str]:
+    """The strategies of `rows`: those named in `order` first, in its order, then edge,
+    speculative, cloud, then the others by name."""
     seen = list(dict.fromkeys(r.strategy for r in rows))
-    known = [s for s in STRATEGIES if s in seen]
-    return known + sorted(s for s in seen if s not in STRATEGIES)
+    first = [s for s in order if s in seen]
+    known = [s for s in STRATEGIES if s in seen and s not in first]
+    return first + known + sorted(s for s in seen if s not in STRATEGIES and s not in first)
 
 
 def summarize_strategy(strategy: str, rows: Sequence[Row]) -> StrategySummary:
@@ -82,10 +85,12 @@ def summarize_strategy(strategy: str, rows: Sequence[Row]) -> StrategySummary:
     )
 
 
-def summarize(rows: Sequence[Row]) -> list[StrategySummary]:
-    """Per-strategy summaries, ordered edge, speculative, cloud, then any others."""
+def summarize(rows: Sequence[Row], order: Sequence[str] = ()) -> list[StrategySummary]:
+    """Per-strategy summaries, ordered as `order` names them, then edge, speculative, cloud,
+    then any others."""
     return [
-        summarize_strategy(s, [r for r in rows if r.strategy == s]) for s in _strategy_order(rows)
+        summarize_strategy(s, [r for r in rows if r.strategy == s])
+        for s in _strategy_order(rows, order)
     ]
 
 
@@ -195,12 +200,12 @@ class Paired:
     p_value: float
 
 
-def paired(rows: Sequence[Row], baseline: str) -> dict[str, Paired]:
+def paired(rows: Sequence[Row], baseline: str, order: Sequence[str] = ()) -> dict[str, Paired]:
     """Every other strategy paired problem by problem with `baseline` (empty without it)."""
     right = {(r.problem_id, r.strategy): r.correct for r in rows}
     base = {pid: ok for (pid, s), ok in right.items() if s == baseline}
     out: dict[str, Paired] = {}
-    for strategy in _strategy_order(rows):
+    for strategy in _strategy_order(rows, order):
         if strategy == baseline or not base:
             continue
         both = [(ok, base[pid]) for (pid, s), ok in right.items() if s == strategy and pid in base]
@@ -221,20 +226,21 @@ def accuracy_by_level(rows: Sequence[Row]) -> dict[str, dict[int, tuple[int, int
     return out
 
 
-def format_paired(rows: Sequence[Row]) -> str:
+def format_paired(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
     """A Markdown table: accuracy per level, then each strategy paired with the edge alone
-    and with the cloud alone (+wins / -losses, exact McNemar p). Empty for a single row."""
+    and with the cloud alone (+wins / -losses, exact McNemar p), in the order of `summarize`.
+    Empty for a single row."""
     levels = sorted({r.level for r in rows if r.level is not None})
     by_level = accuracy_by_level(rows)
     baselines = [b for b in ("edge", "cloud") if any(r.strategy == b for r in rows)]
-    pairs = {b: paired(rows, b) for b in baselines}
+    pairs = {b: paired(rows, b, order) for b in baselines}
     header = (
         "strategy",
         *(f"level {lv} right" for lv in levels),
         *(f"vs {b}: +/-, p" for b in baselines),
     )
     table = [header]
-    for strategy in _strategy_order(rows):
+    for strategy in _strategy_order(rows, order):
         cells = [strategy]
         for lv in levels:
             right, n = by_level.get(strategy, {}).get(lv, (0, 0))

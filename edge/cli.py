@@ -338,6 +338,15 @@ def eval_(
             metavar="DIR",
         ),
     ] = None,
+    versus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--versus",
+            help="With --report: each row also paired with this one (repeatable; edge and "
+            "cloud always are), e.g. --versus probe-0.27.",
+            metavar="NAME",
+        ),
+    ] = None,
     *,
     options: EdgeOptions,
 ) -> int:
@@ -349,10 +358,11 @@ def eval_(
     from edge import eval_command
 
     if report_only:
-        eval_command.report(dataset, out, also or [], strategies)
+        eval_command.report(dataset, out, also or [], strategies, versus or [])
         return 0
-    if also:
-        raise EdgeError("--also only goes with --report (it adds results to a table)")
+    if also or versus:
+        flag = "--also" if also else "--versus"
+        raise EdgeError(f"{flag} only goes with --report (it shapes a table of results)")
     finished = eval_command.run(
         dataset,
         options,

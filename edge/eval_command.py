@@ -170,9 +170,16 @@ def run(
     return not interrupted
 
 
-def report(dataset: str, out: Path | None, also: list[Path], strategies: str | None = None) -> None:
+def report(
+    dataset: str,
+    out: Path | None,
+    also: list[Path],
+    strategies: str | None = None,
+    versus: Sequence[str] = (),
+) -> None:
     """The table, report.json and tradeoff.png from OUT/results.jsonl as it stands, joined
-    by each ALSO/results.jsonl; only the `strategies` rows when given (comma-separated)."""
+    by each ALSO/results.jsonl; only the `strategies` rows when given (comma-separated);
+    each row paired with the `versus` rows too."""
     from edge import datasets
     from edge.eval_folders import report_rows
 
@@ -189,6 +196,7 @@ def report(dataset: str, out: Path | None, also: list[Path], strategies: str | N
         table.config,
         read_from=table.results_files,
         order=table.strategies if chosen is not None else (),
+        versus=versus,
     )
 
 
@@ -200,6 +208,7 @@ def write_outputs(
     run_config: dict[str, Any],
     read_from: Sequence[Path] = (),
     order: Sequence[str] = (),
+    versus: Sequence[str] = (),
 ) -> None:
     """Table on stdout, report.json and tradeoff.png, over the problems every strategy has
     answered (a resumed or running eval compares like with like). `read_from`: the results
@@ -217,9 +226,15 @@ def write_outputs(
         )
     summaries = eval_report.summarize(complete, order)
     typer.echo(eval_report.format_table(summaries))
-    by_level_and_paired = eval_report.format_paired(complete, order)
+    unknown = [v for v in versus if v not in strategies]
+    if unknown:
+        raise EdgeError(f"--versus {unknown[0]}: no such row (rows: {', '.join(strategies)})")
+    by_level_and_paired = eval_report.format_paired(complete, order, versus)
     if by_level_and_paired:
         typer.echo("\n" + by_level_and_paired)
+    judged = eval_report.format_judge(complete, order)
+    if judged:
+        typer.echo("\n" + judged)
     eval_report.write_report(summaries, complete, out_dir / "report.json", run_config=run_config)
     eval_report.plot(
         summaries, out_dir / "tradeoff.png", dataset=dataset_name, date=date.today().isoformat()

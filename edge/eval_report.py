@@ -226,13 +226,16 @@ def accuracy_by_level(rows: Sequence[Row]) -> dict[str, dict[int, tuple[int, int
     return out
 
 
-def format_paired(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
-    """A Markdown table: accuracy per level, then each strategy paired with the edge alone
-    and with the cloud alone (+wins / -losses, exact McNemar p), in the order of `summarize`.
-    Empty for a single row."""
+def format_paired(
+    rows: Sequence[Row], order: Sequence[str] = (), versus: Sequence[str] = ()
+) -> str:
+    """A Markdown table: accuracy per level, then each strategy paired with the edge alone,
+    the cloud alone and each `versus` row (+wins / -losses, exact McNemar p), in the order
+    of `summarize`. Empty for a single row."""
     levels = sorted({r.level for r in rows if r.level is not None})
     by_level = accuracy_by_level(rows)
-    baselines = [b for b in ("edge", "cloud") if any(r.strategy == b for r in rows)]
+    named = dict.fromkeys(("edge", "cloud", *versus))
+    baselines = [b for b in named if any(r.strategy == b for r in rows)]
     pairs = {b: paired(rows, b, order) for b in baselines}
     header = (
         "strategy",
@@ -252,6 +255,36 @@ def format_paired(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
     if len(table) < 3:
         return ""
     return _markdown(table)
+
+
+def format_judge(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
+    """A Markdown table of the cloud judge's work per row that used it: breaks judged per
+    problem, the share kept, the edge's wait per judged break and the cloud's prefill per
+    judged break (of text and probe). Empty when no row judged."""
+    table: list[tuple[str, ...]] = [
+        (
+            "strategy",
+            "judged breaks/problem",
+            "kept %",
+            "edge wait s / judged break",
+            "cloud prefill s / judged break",
+        )
+    ]
+    for strategy in _strategy_order(rows, order):
+        mine = [r for r in rows if r.strategy == strategy and r.error is None]
+        calls = sum(r.judge_calls for r in mine)
+        if not calls:
+            continue
+        table.append(
+            (
+                strategy,
+                f"{calls / len(mine):.1f}",
+                f"{100 * sum(r.judge_accepts for r in mine) / calls:.1f}",
+                f"{sum(r.judge_wait_s for r in mine) / calls:.2f}",
+                f"{sum(r.judge_prefill_s for r in mine) / calls:.2f}",
+            )
+        )
+    return _markdown(table) if len(table) > 1 else ""
 
 
 def _p(p_value: float) -> str:

@@ -60,6 +60,10 @@ class Row:
     cloud_cached_tokens: int = 0
     cloud_prefill_tokens: int = 0
     text: str = ""  # the whole answer, so that it can be graded again without a re-run
+    judge_calls: int = 0  # cloud-judge: probes judged, of them kept, the edge's wait for
+    judge_accepts: int = 0  # the verdicts and the cloud's prefill of text and probe
+    judge_wait_s: float = 0.0
+    judge_prefill_s: float = 0.0
     cloud_model: str | None = None  # the pair that answered (set by run_eval from the run
     edge_model_sha256: str | None = None  # config), so that mixed results stay apart
 
@@ -106,6 +110,10 @@ def row_from_result(problem: Problem, strategy: str, result: dict[str, Any]) -> 
         cloud_cached_tokens=int(stats.get("cloud_cached_tokens", 0)),
         cloud_prefill_tokens=int(stats.get("cloud_prefill_tokens", 0)),
         text=text,
+        judge_calls=int(stats.get("judge_calls", 0)),
+        judge_accepts=int(stats.get("judge_accepts", 0)),
+        judge_wait_s=float(stats.get("judge_wait_s", 0.0)),
+        judge_prefill_s=float(stats.get("judge_prefill_s", 0.0)),
     )
 
 

@@ -258,12 +258,17 @@ def format_paired(
 
 
 def format_judge(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
-    """A Markdown table of the cloud judge's work per row that used it: breaks judged per
-    problem, the share kept, the edge's wait per judged break and the cloud's prefill per
-    judged break (of text and probe). Empty when no row judged."""
+    """A Markdown table of what the cloud worked for, per row that used it, beside each
+    other when one row used the cloud judge: tokens the cloud prefilled per problem, and
+    for the judge's rows the breaks judged per problem, the share kept, the edge's wait
+    per judged break and the cloud's prefill per judged break (of text and probe). Empty
+    when no row judged."""
+    if not any(r.judge_calls for r in rows):
+        return ""
     table: list[tuple[str, ...]] = [
         (
             "strategy",
+            "cloud prefilled tokens/problem",
             "judged breaks/problem",
             "kept %",
             "edge wait s / judged break",
@@ -272,19 +277,24 @@ def format_judge(rows: Sequence[Row], order: Sequence[str] = ()) -> str:
     ]
     for strategy in _strategy_order(rows, order):
         mine = [r for r in rows if r.strategy == strategy and r.error is None]
+        if not mine or strategy == "edge":
+            continue
         calls = sum(r.judge_calls for r in mine)
+        prefilled = f"{sum(r.cloud_prefill_tokens for r in mine) / len(mine):.0f}"
         if not calls:
+            table.append((strategy, prefilled, "-", "-", "-", "-"))
             continue
         table.append(
             (
                 strategy,
+                prefilled,
                 f"{calls / len(mine):.1f}",
                 f"{100 * sum(r.judge_accepts for r in mine) / calls:.1f}",
                 f"{sum(r.judge_wait_s for r in mine) / calls:.2f}",
                 f"{sum(r.judge_prefill_s for r in mine) / calls:.2f}",
             )
         )
-    return _markdown(table) if len(table) > 1 else ""
+    return _markdown(table)
 
 
 def _p(p_value: float) -> str:

@@ -45,7 +45,9 @@ def test_versus_pairs_every_row_with_the_chosen_one_and_the_judge_cost_is_shown(
     assert judge_row.rstrip(" |").endswith("+2 / -0, p=0.50")
     cost = [line for line in lines if line.startswith("| judge-1.0")][-1]  # the last table
     cells = [c.strip() for c in cost.strip("|").split("|")]
-    assert cells == ["judge-1.0", "4.0", "75.0", "0.50", "0.40"]
+    assert cells == ["judge-1.0", "0", "4.0", "75.0", "0.50", "0.40"]
+    beside = [line for line in lines if line.startswith("| probe-0.27")][-1]
+    assert [c.strip() for c in beside.strip("|").split("|")][2:] == ["-"] * 4
     assert "judged breaks/problem" in done.output
 
 

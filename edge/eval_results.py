@@ -192,6 +192,23 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _knobs_added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`'s policy without the knobs `old`'s policy predates that hold their defaults (a
+    knob added to the method since, at its default, changes nothing the old rows ran)."""
+    old_policy, new_policy = old.get("policy"), new.get("policy")
+    if not isinstance(old_policy, dict) or not isinstance(new_policy, dict):
+        return new
+    from shared.policy import PolicyConfig
+
+    defaults = normalise_config(dataclasses.asdict(PolicyConfig()))
+    kept = {
+        k: v
+        for k, v in new_policy.items()
+        if k in old_policy or k not in defaults or v != defaults[k]
+    }
+    return {**new, "policy": kept}
+
+
 def _check_config(
     path: Path,
     old: dict[str, Any] | None,
@@ -204,6 +221,7 @@ def _check_config(
             raise EvalError(f"{path} has rows but no header; pass restart=True to start over")
         return
     old_n, new_n = normalise_config(old), normalise_config(new)
+    new_n = _knobs_added_since(old_n, new_n)
     pair_diff = _config_diff(
         {k: old_n.get(k) for k in PAIR_KEYS}, {k: new_n.get(k) for k in PAIR_KEYS}
     )

@@ -315,6 +315,27 @@ def test_resuming_under_another_config_is_refused_unless_restarted(tmp_path: Pat
     assert config == other and len(rows) == 1
 
 
+def test_a_knob_added_to_the_method_since_is_no_config_change_at_its_default(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from shared.policy import PolicyConfig
+
+    out = tmp_path / "run.jsonl"
+    now = dataclasses.asdict(PolicyConfig())
+    before = {k: v for k, v in now.items() if not k.startswith("judge_")}  # as of 12-02
+    run_eval(
+        _problems()[:1], ["edge"], CountingAnswerer(), out, False, {**CONFIG, "policy": before}
+    )
+    resumed = CountingAnswerer()
+    run_eval(_problems()[:2], ["edge"], resumed, out, False, {**CONFIG, "policy": now})
+    assert resumed.calls == [("b", "edge")]  # the new knobs at their defaults: same method
+    changed = {**now, "judge_threshold": -0.5}
+    with pytest.raises(EvalError, match=r"judge_threshold.*restart=True"):
+        run_eval(_problems()[:2], ["edge"], resumed, out, False, {**CONFIG, "policy": changed})
+
+
 def _table_config(variants: dict[str, dict[str, str]]) -> dict[str, Any]:
     return {**CONFIG, "strategies": ["edge", *variants], "variants": variants}
 

@@ -1,9 +1,13 @@
 """Choose the cloud judge's thresholds on problems that are never reported.
 
 Runs the edge model over the calibration sample (edge/datasets/math500-l123-calib.jsonl) as
-the eval would (the paper's prompt and sampling, non-reasoning mode) with the cloud-judge
-trigger against a real cloud, at a threshold every probe passes: every paragraph break is
-judged (the cloud scores the probe) and none hands over, so the answers are the edge's own.
+the eval would (the paper's prompt and sampling, non-reasoning mode: the cloud writes the
+first 100 tokens) with the cloud-judge trigger against a real cloud, at a threshold every
+probe passes: every paragraph break is judged (the cloud scores the probe) and none hands
+over, so the rest of each answer is the edge's own. `--opening edge` lets the edge write
+the opening too (how docs/results/judge-calibration.json was first made: its probes follow
+the edge's own opening, and the cloud finds them likelier than after its own, so its
+thresholds hand over more breaks in the eval than on the calibration problems).
 Records each probe's score (the cloud's mean log-probability of its tokens) beside the
 small model's mean entropy over it, and prints the thresholds at which a given share of
 breaks would hand over, for the judge alone and for the judge asked only where the edge is
@@ -78,6 +82,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-results/judge_calibration.json")
+    parser.add_argument(
+        "--opening",
+        choices=("cloud", "edge"),
+        default="cloud",
+        help="who writes the answer's first 100 tokens (the eval: the cloud)",
+    )
     args = parser.parse_args()
     problems = datasets.load_problems(datasets.resolve("math500-l123-calib"), None, None)
     drafter = Recording(LlamaDrafter(args.model, threads=args.threads, seed=args.seed))
@@ -87,7 +97,7 @@ def main() -> None:
         trigger=Trigger.CLOUD_JUDGE,
         judge_threshold=EVERY,
         judge_min_uncertainty=1e-12,  # measures the edge's entropy; judges every probe
-        start_tokens=0,  # the edge writes the opening too: its answers are its own
+        start_tokens=100 if args.opening == "cloud" else 0,
     )
     sampling = Sampling(temperature=0.6, top_p=0.95, top_k=50, seed=args.seed)
     breaks: list[dict[str, Any]] = []
@@ -125,6 +135,7 @@ def main() -> None:
     unsure = [b["score"] for b in breaks if b["entropy"] >= UNSURE]
     report: dict[str, Any] = {
         "problems": [p.id for p in problems],
+        "opening": args.opening,
         "breaks": len(breaks),
         "seconds": round(time.perf_counter() - started, 1),
         "score": {

@@ -8,15 +8,11 @@ where the shared error tree becomes a gRPC status. Prompt text is never logged u
 A takeover, as `_takeover` runs it:
   check    -> auth, field validation, resolve the delta against the session's text
   queue    -> wait for the engine (bounded; RESOURCE_EXHAUSTED when full)
-  write    -> stream the preamble, then the engine's n tokens
-  verify   -> if the written text has a verification keyword, n2 more tokens, same call
+  write    -> judge a probe, write, verify, streaming as it goes (cloud/takeover_writing.py;
+              a text that outgrows the context window ends it with CONTEXT_FULL, no error)
   commit   -> record the session's new text, only if the caller is still there and the
               session's turn, then send the final message (the session keeps accepting
               the previous base too, in case that message never arrives)
-
-A text that does not fit the model's context window is not an error: the takeover ends
-normally with finish reason CONTEXT_FULL and what was written so far (nothing, when the
-prompt alone does not fit), so the caller goes on without the cloud.
 
 Logs are one JSON object per line with the request id (the caller's `x-request-id`
 metadata when it sends a sane one, else a fresh one; echoed back in the initial
@@ -26,11 +22,10 @@ text appear only with `log_prompts`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,45 +34,30 @@ import grpc
 from cloud import validation
 from cloud.admission import Admission
 from cloud.auth import ANONYMOUS, ApiKeys
-from cloud.engine_api import (
-    Engine,
-    EngineCancelled,
-    EngineContextFull,
-    EngineOutOfMemory,
-    Generated,
-    GenerateRequest,
-    Prefilled,
-)
+from cloud.engine_api import Engine, EngineCancelled, EngineContextFull, GenerateRequest
 from cloud.metrics import Metrics
 from cloud.rpc_calls import CallLog, RpcCalls, parsed
 from cloud.sessions import SessionStore, engine_key
+from cloud.takeover_writing import TakeoverWriting
 from shared import errors
-from shared.policy import continuation_keyword, judge_accepts, judge_score
 from shared.rpc import specthink_pb2 as pb
 from shared.rpc import specthink_pb2_grpc as rpc
 from shared.wire import (
-    FINISH_CONTEXT_FULL,
-    FINISH_LENGTH,
-    FINISH_PROBE_ACCEPTED,
     FullText,
     JudgeSpec,
-    JudgeVerdict,
     Message,
     Sampling,
     TakeoverDone,
-    TextChunk,
     TextDelta,
     Timings,
     Usage,
     WriteSpec,
-    chunk_to_pb,
     done_to_pb,
     judge_from_pb,
     sampling_from_pb,
     text_digest,
     text_from_pb,
     usage_to_pb,
-    verdict_to_pb,
     write_from_pb,
 )
 
@@ -104,30 +84,6 @@ class _Accepted:
     def cost(self) -> int:
         """Admission's estimate of the prompt's tokens."""
         return len(self.text) // _CHARS_PER_TOKEN
-
-
-@dataclass(frozen=True)
-class _Written:
-    """What a takeover wrote (or kept: a judged probe), and what it cost."""
-
-    text: str
-    finish_reason: str
-    usage: Usage
-    prefill_s: float
-    decode_s: float = 0.0
-    continued_on: str | None = None
-
-    def after(self, scored: Prefilled) -> _Written:
-        """This write, counting the judge's prefill before it."""
-        u = self.usage
-        usage = Usage(
-            u.prompt_tokens,
-            u.cached_tokens,
-            u.prefilled_tokens + scored.usage.prefilled_tokens,
-            u.generated_tokens,
-        )
-        prefill_s = self.prefill_s + scored.prefill_s
-        return dataclasses.replace(self, usage=usage, prefill_s=prefill_s)
 
 
 class SpecThinkServicer(rpc.SpecThinkServicer):
@@ -270,19 +226,18 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
         with self.admission.slot(acc.cost, acc.should_stop) as ticket:
             self._gauge_load()
             self.metrics.observe("queue", ticket.queue_s)
-            out: _Written | None = None
-            scored: Prefilled | None = None
-            if judge is not None:
-                verdict, scored = self._judge(acc, judge, context)
-                yield verdict_to_pb(verdict)
-                if verdict.accepted:  # the probe stays: it is this call's text
-                    out = _Written(
-                        judge.probe, FINISH_PROBE_ACCEPTED, scored.usage, scored.prefill_s
-                    )
-            if out is None:
-                out = yield from self._write(acc, sampling, write, context, call.started)
-                if scored is not None:  # the judge's prefill is this call's work too
-                    out = out.after(scored)
+            # write
+            writing = TakeoverWriting(
+                self._model,
+                self.metrics,
+                self.clock,
+                acc.key,
+                acc.messages,
+                acc.text,
+                acc.should_stop,
+                stopped=lambda: self._why_stopped(context, acc.superseded),
+            )
+            out = yield from writing.run(sampling, write, judge, call.started)
         self._gauge_load()
         # commit: every chunk was handed to the transport while the caller was there;
         # nothing it will not receive is committed
@@ -303,105 +258,6 @@ class SpecThinkServicer(rpc.SpecThinkServicer):
             )
         )
         self._account(call, out.usage, out.finish_reason, ticket.queue_s, committed)
-
-    def _write(
-        self,
-        acc: _Accepted,
-        sampling: Sampling,
-        write: WriteSpec,
-        context: grpc.ServicerContext,
-        started: float,
-    ) -> Generator[pb.TakeoverEvent, None, _Written]:
-        """Stream the preamble and the engine's tokens; then, when they hold a verification
-        keyword, the continuation in the same call."""
-        written = write.preamble
-        if write.preamble:
-            yield chunk_to_pb(TextChunk(write.preamble, 0))
-        ask = GenerateRequest(
-            acc.key, acc.messages, acc.text + written, write.max_tokens, sampling, write.stop
-        )
-        result = yield from self._generate(ask, acc, context, started)
-        out = _Written(
-            written + result.text,
-            result.finish_reason,
-            result.usage,
-            result.prefill_s,
-            result.decode_s,
-        )
-        continued_on = None
-        if result.finish_reason == FINISH_LENGTH and write.continue_tokens:
-            continued_on = continuation_keyword(result.text, write.continue_if)
-        if not continued_on:
-            return out
-        ask = dataclasses.replace(
-            ask, assistant_text=acc.text + out.text, max_tokens=write.continue_tokens
-        )
-        more = yield from self._generate(ask, acc, context, None)
-        return _Written(
-            out.text + more.text,
-            more.finish_reason,
-            Usage(
-                out.usage.prompt_tokens,
-                out.usage.cached_tokens,
-                out.usage.prefilled_tokens + more.usage.prefilled_tokens,
-                out.usage.generated_tokens + more.usage.generated_tokens,
-            ),
-            out.prefill_s + more.prefill_s,
-            out.decode_s + more.decode_s,
-            continued_on,
-        )
-
-    def _judge(
-        self, acc: _Accepted, judge: JudgeSpec, context: grpc.ServicerContext
-    ) -> tuple[JudgeVerdict, Prefilled]:
-        """Prefill the text and the probe, score the probe, decide (`shared.policy`)."""
-        ask = GenerateRequest(acc.key, acc.messages, acc.text, probe=judge.probe)
-        try:
-            scored = self._model().prefill(ask, acc.should_stop)
-        except EngineCancelled:
-            raise self._why_stopped(context, acc.superseded) from None
-        except EngineContextFull:  # the probe does not fit: the write says what does
-            scored = Prefilled(Usage(), 0.0)
-        except EngineOutOfMemory:
-            raise errors.Overloaded("the model ran out of device memory", 2.0) from None
-        score = judge_score(scored.probe_logprobs)
-        accepted = bool(scored.probe_logprobs) and judge_accepts(score, judge.accept_at)
-        self.metrics.inc("judge_verdicts", verdict="accepted" if accepted else "rejected")
-        self.metrics.observe("judge_score", score)
-        verdict = JudgeVerdict(accepted, score, len(scored.probe_logprobs), scored.prefill_s)
-        return verdict, scored
-
-    def _generate(
-        self,
-        request: GenerateRequest,
-        acc: _Accepted,
-        context: grpc.ServicerContext,
-        started: float | None,
-    ) -> Generator[pb.TakeoverEvent, None, Generated]:
-        """Stream the engine's chunks; the generator's return value is the Generated.
-        `started`: when the call began, to observe its time to first token (None: not
-        this stretch).
-
-        A text that does not fit the context window ends the stretch normally with
-        CONTEXT_FULL and what was streamed of it (nothing, if the prompt alone does not
-        fit): the caller goes on without the cloud; it is not a bad request."""
-        streamed, tokens = "", 0
-        try:
-            for item in self._model().generate(request, acc.should_stop):
-                if isinstance(item, Generated):
-                    return item
-                if started is not None:
-                    self.metrics.observe("ttft", self.clock() - started)
-                    started = None
-                streamed, tokens = streamed + item.text, tokens + item.tokens
-                yield chunk_to_pb(item)
-        except EngineCancelled:
-            raise self._why_stopped(context, acc.superseded) from None
-        except EngineContextFull:
-            return Generated(FINISH_CONTEXT_FULL, Usage(0, 0, 0, tokens), 0.0, 0.0, streamed)
-        except EngineOutOfMemory:  # it ran out of device memory alone: try again later
-            raise errors.Overloaded("the model ran out of device memory", 2.0) from None
-        raise errors.InternalError("engine ended without a result")
 
     def _gauge_load(self) -> None:
         self.metrics.set("running", self.admission.running)

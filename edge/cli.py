@@ -31,8 +31,8 @@ from edge.outcome import EXIT_INTERRUPTED, EXIT_RUNTIME, EdgeError, Outcome, err
 from shared.cli_style import CONTEXT_SETTINGS, TYPER_SETTINGS, version_flag
 
 if TYPE_CHECKING:
+    from edge.cloud_session import CloudSession
     from edge.run import Run
-    from edge.session import CloudSession
     from shared.wire import Message
 
 HELP = """SpecThink edge: a small model on this machine reasons; a large one in the cloud

@@ -1,5 +1,5 @@
 """The edge's gRPC client of the cloud: one streaming call per takeover, retries with
-backoff, and a circuit breaker. Implements `edge.session.CloudTransport`.
+backoff, and a circuit breaker. Implements `edge.cloud_session.CloudTransport`.
 
 Failures come out as the shared error tree (`shared.errors`), never as grpc.RpcError, so
 the session loop decides what to do by name: FAILED_PRECONDITION is resent with the full

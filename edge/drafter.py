@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.session import DraftToken
+from edge.drafter_api import DraftToken
 from shared.prompting import join_prompt, plain_prompt, think_prefix
 from shared.wire import FINISH_CONTEXT_FULL, FINISH_STOP, Message, Sampling
 

@@ -57,8 +57,9 @@ def run(
     over every row of the table (a run that adds a variant reports it beside the others).
     False when interrupted (the rows so far are kept and reported)."""
     from edge import datasets, eval_results, evaluate
+    from edge.cloud_session import CloudSession
     from edge.datasets import EvalError
-    from edge.session import CloudSession, SessionOptions, SpeculativeSession
+    from edge.session import SessionOptions, SpeculativeSession
     from shared import policy as policy_rules
     from shared.wire import Message, Sampling
 

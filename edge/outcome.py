@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
-    from edge.session import Answer
+    from edge.answer import Answer
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_AUTH, EXIT_REJECTED = 0, 1, 2, 3, 4
 EXIT_CLOUD_UNREACHABLE = 5  # the answer was written, but by the edge alone

@@ -1,6 +1,7 @@
 """The takeover policy a run uses: the knobs from --policy FILE, --mode and --set (each
 checked, one line on error), and the mode decided once the small model is known
-(`--mode auto`). The rules themselves are shared/policy.py (pure).
+(`--mode auto`). The rules themselves are shared/policy.py (pure); reading a policy file
+and the mode that fits a model are shared/policy_config.py's.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def knob_value(value: str) -> int | str:
 def policy_choice(cfg: EffectiveConfig, knobs: Sequence[str]) -> PolicyChoice:
     """Policy knobs from --policy FILE, then --mode, then --set (each checked, one line on
     error). A mode from the file is honoured unless --mode (flag, env or config) names one."""
-    from shared import policy
+    from shared import policy, policy_config
 
     try:
         table: dict[str, object] = {}
         mode_source: str | None = None
         if cfg.policy_file:
-            table = policy.read_policy_file(cfg.policy_file)
+            table = policy_config.read_policy_file(cfg.policy_file)
             if "mode" in table:
                 mode_source = f"set in {cfg.policy_file}"
         config = policy.config_from_mapping(table)
@@ -69,12 +70,12 @@ def policy_choice(cfg: EffectiveConfig, knobs: Sequence[str]) -> PolicyChoice:
 def with_mode(choice: PolicyChoice, drafter: LlamaDrafter | None) -> tuple[PolicyConfig, str]:
     """The policy with its mode decided, and why (for -v and --json): as given, or, under
     `--mode auto`, the mode that fits the loaded small model."""
-    from shared import policy
+    from shared.policy_config import infer_mode
 
     config = choice.config
     if choice.mode_source is not None:
         return config, f"{config.mode} ({choice.mode_source})"
     if drafter is None:  # the cloud strategy loads no small model: the mode is unused
         return config, f"{config.mode} (auto; no small model loaded)"
-    mode, why = policy.infer_mode(drafter.chat_template_text, drafter.model_names)
+    mode, why = infer_mode(drafter.chat_template_text, drafter.model_names)
     return replace(config, mode=mode), f"{mode} (auto: {why})"

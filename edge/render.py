@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any
 
+from edge.answer import Event
 from edge.options import Mark, choices
-from edge.session import Event
 
 CLOUD_STYLE = "\x1b[36m"  # cyan: text written by the large model
 CLOUD_LEGEND = "text in cyan was written by the cloud's large model"

@@ -37,16 +37,12 @@ from edge.prompt_input import read_prompt, say_replaced, valid_text
 from edge.small_model import LazyDrafter, check_prompt_fits, load_drafter, model_path
 
 if TYPE_CHECKING:
+    from edge.answer import Answer, EventSink
     from edge.cloud_client import GrpcCloud
+    from edge.cloud_session import CloudSession
     from edge.drafter import LlamaDrafter
     from edge.reachability import BackgroundCheck, Reachability
-    from edge.session import (
-        Answer,
-        CloudSession,
-        EventSink,
-        SessionOptions,
-        SpeculativeSession,
-    )
+    from edge.session import SessionOptions, SpeculativeSession
     from shared.wire import Message
 
 
@@ -187,7 +183,7 @@ class Run:
 
     def cloud_session(self) -> CloudSession | None:
         """A new conversation with the cloud (one session, its cache reused across calls)."""
-        from edge.session import CloudSession
+        from edge.cloud_session import CloudSession
 
         if self.transport is None:
             return None
@@ -218,7 +214,8 @@ class Run:
     def answer(self, messages: Sequence[Message], cloud: CloudSession | None) -> Outcome:
         """One answer through the session loop. Ctrl-C and refusals end it as values: the
         partial answer is kept (and its `done` event sent with --jsonl)."""
-        from edge.session import CloudRefused, SpeculativeSession
+        from edge.answer import CloudRefused
+        from edge.session import SpeculativeSession
         from shared import errors
 
         sink = self.sink()
@@ -257,8 +254,8 @@ class Run:
         return self._completed(answer)
 
     def _end(self, loop: SpeculativeSession, sink: EventSink, partial: Answer) -> None:
+        from edge.answer import Event
         from edge.render import TextRenderer
-        from edge.session import Event
 
         if self.options.jsonl:
             sink(Event("done", partial.to_json()))

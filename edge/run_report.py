@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edge.answer import Answer
     from edge.run import Run
-    from edge.session import Answer
 
 
 def report_stats(stats: dict[str, Any], run: Run) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The session loop: the small model drafts, the policy decides at each break, the cloud writes.
 
-It knows two interfaces only, a `Drafter` (the small model) and a `CloudTransport` (one
-streaming takeover call), so tests script both and production plugs in llama.cpp and gRPC.
-Text is the truth: the loop holds the answer as a string, the drafter re-tokenizes it
-after every takeover, and the cloud gets a delta against the text it confirmed, or the
-full text when it holds nothing (or something else: FAILED_PRECONDITION).
+It knows two interfaces only, a `Drafter` (the small model: edge/drafter_api.py) and a
+`CloudTransport` (one streaming takeover call, driven through edge/cloud_session.py's
+`CloudSession`), so tests script both and production plugs in llama.cpp and gRPC. Text is
+the truth: the loop holds the answer as a string, and the drafter re-tokenizes it after
+every takeover. What it produces (the `Answer`, its segments and stats, the `Event`s it
+reports as it goes) is edge/answer.py's; it renders nothing itself.
 
 The phases, as `SpeculativeSession.run` calls them:
   open       -> the policy decides who writes the opening (the cloud in non-reasoning mode)
@@ -30,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from edge.answer import Answer, CloudRefused, Event, EventSink, Segment, Stats
+from edge.cloud_session import CloudSession
+from edge.drafter_api import Drafter, DraftToken
 from edge.options import Strategy
 from shared import errors, policy
 from shared.policy import Decision, PolicyConfig, PolicyState, Rule, Writer
@@ -43,277 +46,18 @@ from shared.wire import (
     FINISH_CONTEXT_FULL,
     FINISH_LENGTH,
     FINISH_STOP,
-    FullText,
     JudgeSpec,
     JudgeVerdict,
     Message,
     Sampling,
-    TakeoverCall,
     TakeoverDone,
     TextChunk,
-    TextDelta,
     WriteSpec,
-    text_digest,
 )
 
 CLOUD_ONLY_CHUNK_TOKENS = (
     64  # cloud strategy: tokens per call, so a failure or timeout loses little
 )
-
-
-# ---- the two interfaces ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DraftToken:
-    """One token written by the small model: its text (may be "" while a multi-byte
-    character is incomplete), or the end of its writing (`finish` = "stop" at end of
-    sequence, "context_full" when its context window is full)."""
-
-    text: str
-    finish: str | None = None
-    entropy: float | None = None  # nats, of the distribution it was drawn from (if measured)
-
-
-class Drafter(Protocol):
-    def draft(
-        self,
-        messages: Sequence[Message],
-        text: str,
-        max_tokens: int,
-        sampling: Sampling,
-        *,
-        uncertainty: bool = False,
-    ) -> Generator[DraftToken, None, None]:
-        """Continue the assistant `text` after `messages`; one item per token.
-
-        `uncertainty`: also measure each token's entropy (the uncertainty trigger's probe).
-        The caller may stop early by closing the iterator; the next call re-tokenizes."""
-        ...
-
-
-class CloudTransport(Protocol):
-    def takeover(self, call: TakeoverCall) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
-        """One streaming takeover. Raises shared.errors.SpecThinkError subclasses."""
-        ...
-
-    def prefill(self, session_id: str, text: FullText | TextDelta) -> tuple[int, str]:
-        """Push text without generating; returns the committed (length, sha256)."""
-        ...
-
-
-# ---- the result -----------------------------------------------------------------------
-
-
-@dataclass
-class Segment:
-    source: str  # "edge" | "cloud"
-    text: str
-    tokens: int
-    reason: str
-
-
-@dataclass
-class Stats:
-    """What an answer cost and who wrote it; README.md's `--json` table documents each field.
-    Every count follows the text: `takeovers` is the number of cloud segments in `segments`,
-    the token counts are their sums."""
-
-    edge_tokens: int = 0
-    cloud_tokens: int = 0
-    takeovers: int = 0  # cloud segments in the answer (hand-overs where the cloud wrote)
-    wall_s: float = 0.0
-    ttft_s: float = 0.0
-    fallback: bool = False
-    cloud_cached_tokens: int = 0
-    cloud_prefill_tokens: int = 0
-    # beyond the contract
-    takeover_attempts: int = 0  # hand-overs decided, whether or not the cloud wrote
-    fallbacks: int = 0  # hand-overs where the cloud failed and the edge wrote instead
-    cloud_full: bool = False  # the text outgrew the cloud; the edge wrote the rest alone
-    cloud_calls: int = 0
-    full_text_resends: int = 0
-    cloud_prefills: int = 0
-    cloud_prefills_abandoned: int = 0
-    probe_tokens_discarded: int = 0
-    judge_calls: int = 0  # probes sent to the cloud's judge (cloud-judge trigger)
-    judge_accepts: int = 0  # of those, kept by the cloud
-    judge_wait_s: float = 0.0  # the edge's wait for the verdicts (the judge's cost on the edge)
-    judge_prefill_s: float = 0.0  # the cloud's prefill of text and probe (its cost there)
-    cloud_wait_s: float = 0.0
-    edge_draft_s: float = 0.0
-    cloud_first_chunk_s: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Answer:
-    text: str
-    finish_reason: str
-    segments: list[Segment]
-    stats: Stats
-    notices: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        stats = asdict(self.stats)
-        stats["wall_s"] = round(stats["wall_s"], 4)
-        stats["ttft_s"] = round(stats["ttft_s"], 4)
-        stats["cloud_wait_s"] = round(stats["cloud_wait_s"], 4)
-        stats["edge_draft_s"] = round(stats["edge_draft_s"], 4)
-        stats["judge_wait_s"] = round(stats["judge_wait_s"], 4)
-        stats["judge_prefill_s"] = round(stats["judge_prefill_s"], 4)
-        stats["cloud_first_chunk_s"] = [round(x, 4) for x in stats["cloud_first_chunk_s"]]
-        return {
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "segments": [asdict(s) for s in self.segments],
-            "stats": stats,
-            "notices": self.notices,
-        }
-
-
-@dataclass(frozen=True)
-class Event:
-    """What the loop reports as it goes (the CLI renders these; --jsonl prints them)."""
-
-    kind: str  # "segment" | "text" | "takeover" | "fallback" | "done"
-    data: dict[str, Any]
-
-
-EventSink = Callable[[Event], None]
-
-
-class CloudRefused(Exception):
-    """The cloud refused for a reason retrying cannot fix (auth, invalid request).
-    The answer written so far rides along so that nothing is lost."""
-
-    def __init__(self, error: errors.SpecThinkError, answer: Answer) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.answer = answer
-
-
-# ---- the cloud side of a session: deltas against a confirmed base ---------------------
-
-
-class CloudSession:
-    """Builds each call as a delta against the text the cloud confirmed, or as full text.
-
-    A delta the cloud cannot apply (restart, eviction, another replica) is answered with
-    FAILED_PRECONDITION; the call is then sent again with the full text, before any of its
-    output was received, so a cloud restart costs time and never text."""
-
-    def __init__(
-        self, transport: CloudTransport, session_id: str, prefill_wait_s: float = 2.0
-    ) -> None:
-        self.transport = transport
-        self.session_id = session_id
-        self._base: str | None = None  # the assistant text the cloud confirmed holding
-        self._messages: tuple[Message, ...] | None = None
-        self.full_text_resends = 0
-        self.calls = 0
-        self.prefills = 0
-        self.prefills_abandoned = 0
-        # how long a takeover waits for a background prefill still in flight: past it the
-        # takeover goes without it (it supersedes the prefill on the cloud and finds the
-        # chunks already computed in the cache); waiting longer only delays the answer
-        self.prefill_wait_s = prefill_wait_s
-        self._prefill: threading.Thread | None = None
-        self._epoch = 0  # bumped when a prefill is abandoned: its late result is ignored
-        self._lock = threading.Lock()
-
-    def forget(self) -> None:
-        self._join_prefill()
-        self._base = None
-
-    def prefill_async(self, messages: Sequence[Message], text: str) -> bool:
-        """Push `text` to the cloud in the background so that its KV cache is warm before
-        the next takeover (which waits for it first: one writer per session). Skipped
-        while one is in flight. Failures only cost the warm cache."""
-        if self._prefill is not None and self._prefill.is_alive():
-            return False
-        msgs = tuple(messages)
-        body = self._text(msgs, text)
-        if isinstance(body, TextDelta) and not body.append:
-            return False
-
-        epoch = self._epoch
-
-        def push() -> None:
-            try:
-                committed: tuple[int, str] | None = self.transport.prefill(self.session_id, body)
-            except errors.SpecThinkError:
-                committed = None
-            with self._lock:
-                if epoch != self._epoch:
-                    return  # abandoned: a takeover went ahead without it
-                ok = committed is not None and committed == text_digest(text)
-                self._base = text if ok else None
-                self._messages = msgs
-
-        self.prefills += 1
-        self._prefill = threading.Thread(target=push, name="prefill-ahead", daemon=True)
-        self._prefill.start()
-        return True
-
-    def _join_prefill(self) -> None:
-        """Wait for a prefill in flight, at most `prefill_wait_s`; a slower one is abandoned,
-        and the next call sends the full text (the cloud may or may not hold the prefill)."""
-        if self._prefill is None:
-            return
-        self._prefill.join(self.prefill_wait_s)
-        if self._prefill.is_alive():
-            with self._lock:
-                self._epoch += 1
-                self._base = None
-            self.prefills_abandoned += 1
-        self._prefill = None
-
-    def _text(self, messages: tuple[Message, ...], text: str) -> FullText | TextDelta:
-        if self._base is not None and self._messages == messages and text.startswith(self._base):
-            length, digest = text_digest(self._base)
-            return TextDelta(length, digest, text[len(self._base) :])
-        return FullText(messages, text)
-
-    def takeover(
-        self,
-        messages: Sequence[Message],
-        text: str,
-        sampling: Sampling,
-        write: WriteSpec,
-        judge: JudgeSpec | None = None,
-    ) -> Iterator[TextChunk | JudgeVerdict | TakeoverDone]:
-        self._join_prefill()
-        msgs = tuple(messages)
-        body = self._text(msgs, text)
-        received = ""
-        for attempt in range(2):
-            call = TakeoverCall(self.session_id, body, sampling, write, judge)
-            self.calls += 1
-            try:
-                for event in self.transport.takeover(call):
-                    if isinstance(event, TextChunk):
-                        received += event.text
-                    elif isinstance(event, JudgeVerdict):
-                        if event.accepted and judge is not None:
-                            received = judge.probe  # the cloud holds the probe now
-                    else:
-                        self._confirm(msgs, text + received, event)
-                    yield event
-                return
-            except errors.BaseMismatch:
-                if attempt or isinstance(body, FullText) or received:
-                    raise
-                self.full_text_resends += 1
-                body = FullText(msgs, text)
-
-    def _confirm(self, messages: tuple[Message, ...], text: str, done: TakeoverDone) -> None:
-        if text_digest(text) == (done.committed_length, done.committed_sha256):
-            self._base, self._messages = text, messages
-        else:  # the cloud holds something else: next call sends everything
-            self._base = None
-
-
-# ---- the loop -------------------------------------------------------------------------
 
 
 @dataclass

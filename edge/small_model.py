@@ -15,7 +15,7 @@ from edge.outcome import EdgeError
 
 if TYPE_CHECKING:
     from edge.drafter import LlamaDrafter
-    from edge.session import DraftToken
+    from edge.drafter_api import DraftToken
     from shared.wire import Message, Sampling
 
 

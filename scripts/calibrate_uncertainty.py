@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from edge import datasets
+from edge.cloud_session import CloudSession
 from edge.drafter import LlamaDrafter
-from edge.session import CloudSession, SessionOptions, SpeculativeSession
+from edge.session import SessionOptions, SpeculativeSession
 from shared.policy import Mode, PolicyConfig, Trigger
 from shared.wire import Message, Sampling
 

@@ -45,14 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from edge import bundled
+from edge.answer import Answer
 from edge.cloud_client import ClientOptions, GrpcCloud
-from edge.session import (
-    Answer,
-    CloudSession,
-    DraftToken,
-    SessionOptions,
-    SpeculativeSession,
-)
+from edge.cloud_session import CloudSession
+from edge.drafter_api import DraftToken
+from edge.session import SessionOptions, SpeculativeSession
 from shared import errors
 from shared.policy import Mode, PolicyConfig
 from shared.wire import JudgeVerdict, Message, Sampling, TakeoverCall, TakeoverDone, TextChunk

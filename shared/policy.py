@@ -1,4 +1,6 @@
 """The Speculative Thinking takeover policy: pure rules over text, no I/O, no models, no gRPC.
+It imports the standard library only; where the knobs come from (a TOML policy file, the
+mode that fits a model) is shared/policy_config.py's.
 
 At each paragraph break the session loop asks this module what happens next; the answer
 is a `Decision` that says who writes, how much, and *why* (the rule and the keyword), so
@@ -40,11 +42,8 @@ from __future__ import annotations
 
 import enum
 import math
-import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 PARAGRAPH_BREAK = "\n\n"
@@ -417,26 +416,6 @@ def continuation_keyword(written: str, keywords: tuple[str, ...] | list[str]) ->
     return min(hits)[1] if hits else None
 
 
-# ---- which mode fits a model ------------------------------------------------------------
-
-# a family name as a whole word of the model's name: DeepSeek-R1-Distill-..., QwQ-32B, ...
-_REASONING_NAME = re.compile(r"(?<![a-z0-9])(r1|qwq|reasoning|reasoner|thinking)(?![a-z0-9])")
-
-
-def infer_mode(chat_template: str | None, model_names: Sequence[str]) -> tuple[Mode, str]:
-    """The mode that fits a model (`--mode auto`), and why: reasoning when its chat template
-    has a think block or its name is of a reasoning family, else non-reasoning."""
-    if chat_template and "think>" in chat_template:
-        return Mode.REASONING, "its chat template has a <think> block"
-    for name in model_names:
-        if name and _REASONING_NAME.search(name.lower()):
-            return Mode.REASONING, f"its name {name!r} is of a reasoning family"
-    return (
-        Mode.NON_REASONING,
-        "no <think> block in its chat template, no reasoning family in its name",
-    )
-
-
 # ---- configuration -------------------------------------------------------------------
 
 _KEYWORD_KNOBS = ("affirmation_keywords", "reflection_keywords", "verification_keywords")
@@ -485,23 +464,3 @@ def config_from_mapping(
             raise PolicyConfigError(f"policy knob {key!r} must be an integer, not {value!r}")
         changes[name] = value
     return replace(base, **changes)
-
-
-def load_policy_file(path: str | Path, base: PolicyConfig | None = None) -> PolicyConfig:
-    """Read a TOML policy file: knobs at the top level or under a [policy] table."""
-    return config_from_mapping(read_policy_file(path), base)
-
-
-def read_policy_file(path: str | Path) -> dict[str, Any]:
-    """The knobs a TOML policy file sets (unchecked: `config_from_mapping` checks them)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise PolicyConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
-    try:
-        table = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyConfigError(f"policy file {path} is not valid TOML: {exc}") from None
-    if isinstance(table.get("policy"), dict):
-        table = table["policy"]
-    return table

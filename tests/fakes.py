@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from edge.session import DraftToken
+from edge.drafter_api import DraftToken
 from shared import errors
 from shared.policy import judge_accepts
 from shared.wire import (

@@ -1,8 +1,8 @@
 """Scale-out reaches edges already connected: two real `specthink-cloud serve` processes
 (SmolLM2) behind a round-robin TCP proxy on 127.0.0.1 (what kube-proxy does for a
 ClusterIP Service: it picks a backend per new TCP connection), and a pool of edges
-(the edge's own transport, `edge.cloud_client.GrpcCloud`, and `edge.session.CloudSession`)
-taking over again and again.
+(the edge's own transport, `edge.cloud_client.GrpcCloud`, and
+`edge.cloud_session.CloudSession`) taking over again and again.
 
 Replica A serves alone; the edges connect to it. Replica B starts and joins the proxy's
 list. Without a connection age the edges would stay on A for ever (an HTTP/2 connection
@@ -30,7 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.cloud_client import ClientOptions, GrpcCloud
-from edge.session import CloudSession
+from edge.cloud_session import CloudSession
 from shared.wire import Message, Sampling, TakeoverDone, TextChunk, WriteSpec
 from tests.integration.test_cloud_service import wait_for
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from edge.session import CloudSession, SessionOptions, SpeculativeSession
+from edge.cloud_session import CloudSession
+from edge.session import SessionOptions, SpeculativeSession
 from shared import errors
 from shared.policy import (
     Mode,

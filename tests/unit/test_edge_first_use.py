@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from edge.answer import Event
 from edge.cli import app
-from edge.session import Event
 
 from .test_eval_report_only import STRATEGIES, row, write_results
 
@@ -73,8 +73,8 @@ def test_chat_says_a_mistyped_slash_command_is_unknown_instead_of_sending_it() -
 
 
 def _speeds(evaluated: int, prompt: int) -> list[str]:
+    from edge.answer import Answer, Stats
     from edge.run_report import speed_lines
-    from edge.session import Answer, Stats
 
     counters = SimpleNamespace(
         evaluated_prompt_tokens=evaluated, prompt_tokens=prompt, prompt_eval_s=0.5
@@ -117,8 +117,8 @@ def test_every_edge_error_has_one_prefix(clean_env: Path) -> None:
 
 
 def test_json_notices_hold_what_stderr_said() -> None:
+    from edge.answer import Answer, Stats
     from edge.run_report import answer_json
-    from edge.session import Answer, Stats
 
     said = ["no cloud configured (--cloud or SPECTHINK_CLOUD): running edge-only"]
     run = SimpleNamespace(
@@ -199,7 +199,7 @@ def test_fault_messages_speak_plain_words() -> None:
         def prefill(self, session_id: str, text: object) -> tuple[int, str]:
             raise errors.Unavailable("no")
 
-    from edge.session import CloudSession
+    from edge.cloud_session import CloudSession
 
     seen: list[Event] = []
     loop = SpeculativeSession(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import policy
+from shared import policy, policy_config
 from shared.policy import (
     Category,
     Decision,
@@ -210,7 +210,7 @@ def test_policy_file_overrides_knobs(tmp_path: Path):
         '[policy]\nmode = "non-reasoning"\ntakeover_tokens = 30\nnegativity_threshold = 3\n'
         'reflection_keywords = ["Wait"]\n'
     )
-    config = policy.load_policy_file(path)
+    config = policy_config.load_policy_file(path)
     assert config.mode is Mode.NON_REASONING
     assert (config.takeover_tokens, config.negativity_threshold) == (30, 3)
     assert config.reflection_keywords == ("wait",)
@@ -234,12 +234,12 @@ def test_malformed_policy_file_is_rejected_with_reason(tmp_path: Path, content, 
     path = tmp_path / "policy.toml"
     path.write_text(content)
     with pytest.raises(PolicyConfigError, match=message):
-        policy.load_policy_file(path)
+        policy_config.load_policy_file(path)
 
 
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(PolicyConfigError, match="cannot read policy file"):
-        policy.load_policy_file(tmp_path / "nope.toml")
+        policy_config.load_policy_file(tmp_path / "nope.toml")
 
 
 # ---- the uncertainty trigger (beyond the paper) ----------------------------------------
@@ -356,7 +356,7 @@ CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_e
     ],
 )
 def test_auto_mode_follows_the_model(template, names, mode, why):
-    chosen, reason = policy.infer_mode(template, names)
+    chosen, reason = policy_config.infer_mode(template, names)
     assert chosen is mode
     assert why in reason
 
@@ -364,4 +364,4 @@ def test_auto_mode_follows_the_model(template, names, mode, why):
 def test_policy_file_knobs_are_read_without_defaults(tmp_path: Path):
     path = tmp_path / "p.toml"
     path.write_text('[policy]\nmode = "non-reasoning"\n')
-    assert policy.read_policy_file(path) == {"mode": "non-reasoning"}
+    assert policy_config.read_policy_file(path) == {"mode": "non-reasoning"}

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from edge.answer import Event
 from edge.render import (
     CLEAR_LINE,
     CLOUD_STYLE,
@@ -19,7 +20,6 @@ from edge.render import (
     TextRenderer,
     strip_thinking,
 )
-from edge.session import Event
 
 
 class Tty(io.StringIO):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge.session import Answer, CloudRefused, CloudSession, SessionOptions, SpeculativeSession
+from edge.answer import Answer, CloudRefused
+from edge.cloud_session import CloudSession
+from edge.session import SessionOptions, SpeculativeSession
 from shared import errors
 from shared.policy import Mode, PolicyConfig
 from shared.wire import FullText, Message, TextDelta

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
-from edge.session import DraftToken, SessionOptions, SpeculativeSession
+from edge.drafter_api import DraftToken
+from edge.session import SessionOptions, SpeculativeSession
 from shared.policy import Mode, PolicyConfig, Trigger
 from shared.wire import FINISH_STOP, Message, Sampling
 from tests.fakes import ScriptedCloud
@@ -39,7 +40,7 @@ class EntropyDrafter:
 def run(config: PolicyConfig, tokens: list[tuple[str, float]], replies: list[list[str]]):
     drafter = EntropyDrafter(tokens)
     cloud = ScriptedCloud(replies)
-    from edge.session import CloudSession
+    from edge.cloud_session import CloudSession
 
     loop = SpeculativeSession(
         drafter, CloudSession(cloud, "s"), SessionOptions(max_tokens=200, policy=config)

@@ -60,7 +60,8 @@ def run(
     from edge.cloud_session import CloudSession
     from edge.datasets import EvalError
     from edge.session import SessionOptions, SpeculativeSession
-    from shared import policy as policy_rules
+    from shared.policy import PolicyConfigError
+    from shared.policy_config import config_from_mapping
     from shared.wire import Message, Sampling
 
     named = _parse_variants(variants)
@@ -94,8 +95,8 @@ def run(
     policies = {"speculative": base_policy}
     try:
         for name, overrides in named.items():
-            policies[name] = policy_rules.config_from_mapping(overrides, base_policy)
-    except policy_rules.PolicyConfigError as exc:
+            policies[name] = config_from_mapping(overrides, base_policy)
+    except PolicyConfigError as exc:
         raise EdgeError(f"--variant {name}: {exc}") from None
     budget = cfg.max_tokens
     n_ctx = drafter.n_ctx if drafter is not None else None

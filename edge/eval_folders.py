@@ -135,7 +135,8 @@ def _check_comparable(folders: list[FolderResults]) -> None:
 def _policy(config: dict[str, Any], strategy: str) -> dict[str, Any]:
     """Every knob of the policy a speculative row ran with: the header's policy, with the
     variant's overrides for a variant's row, as the policy module reads them."""
-    from shared.policy import PolicyConfigError, config_from_mapping
+    from shared.policy import PolicyConfigError
+    from shared.policy_config import config_from_mapping
 
     knobs = {**(config.get("policy") or {}), **(config.get("variants") or {}).get(strategy, {})}
     try:

@@ -1,7 +1,7 @@
 """The takeover policy a run uses: the knobs from --policy FILE, --mode and --set (each
 checked, one line on error), and the mode decided once the small model is known
-(`--mode auto`). The rules themselves are shared/policy.py (pure); reading a policy file
-and the mode that fits a model are shared/policy_config.py's.
+(`--mode auto`). The rules themselves are shared/policy.py (pure); reading and checking
+the knobs and the mode that fits a model are shared/policy_config.py's.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def policy_choice(cfg: EffectiveConfig, knobs: Sequence[str]) -> PolicyChoice:
             table = policy_config.read_policy_file(cfg.policy_file)
             if "mode" in table:
                 mode_source = f"set in {cfg.policy_file}"
-        config = policy.config_from_mapping(table)
+        config = policy_config.config_from_mapping(table)
         overrides: dict[str, object] = {}
         if cfg.mode != "auto":
             overrides["mode"] = cfg.mode
@@ -62,7 +62,7 @@ def policy_choice(cfg: EffectiveConfig, knobs: Sequence[str]) -> PolicyChoice:
             overrides[key.strip()] = knob_value(value.strip())
             if key.strip() == "mode":
                 mode_source = "--set mode"
-        return PolicyChoice(policy.config_from_mapping(overrides, config), mode_source)
+        return PolicyChoice(policy_config.config_from_mapping(overrides, config), mode_source)
     except policy.PolicyConfigError as exc:
         raise EdgeError(str(exc)) from None
 

@@ -206,10 +206,11 @@ def run_session(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `ask`, in process: SpeculativeSession + LlamaDrafter (+ GrpcCloud)."""
-    from edge.session import CloudSession, SessionOptions, SpeculativeSession
-    from shared import policy
+    from edge.cloud_session import CloudSession
+    from edge.session import SessionOptions, SpeculativeSession
+    from shared import policy, policy_config
 
-    config = policy.config_from_mapping(
+    config = policy_config.config_from_mapping(
         {"mode": "non-reasoning", **(policy_overrides or {})}, policy.PolicyConfig()
     )
     transport = Recording(client or rig.client) if strategy != "edge" else None

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from edge import datasets
+from edge.answer import Event
 from edge.cloud_client import ClientOptions, GrpcCloud
+from edge.cloud_session import CloudSession
 from edge.drafter import LlamaDrafter
-from edge.session import CloudSession, Event, SessionOptions, SpeculativeSession
+from edge.session import SessionOptions, SpeculativeSession
 from shared.policy import Mode, PolicyConfig, Trigger, probe_uncertainty
 from shared.wire import Message, Sampling
 

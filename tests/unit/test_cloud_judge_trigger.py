@@ -18,7 +18,6 @@ from shared.policy import (
     Rule,
     Trigger,
     Writer,
-    config_from_mapping,
     decide_at_break,
     judge_accepts,
     judge_score,
@@ -26,6 +25,7 @@ from shared.policy import (
     needs_probe,
     needs_uncertainty,
 )
+from shared.policy_config import config_from_mapping
 from shared.wire import FINISH_PROBE_ACCEPTED, FullText, Message, TextDelta, text_digest
 from tests.fakes import ScriptedCloud
 from tests.unit.test_uncertainty_trigger import EntropyDrafter

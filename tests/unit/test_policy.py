@@ -323,11 +323,11 @@ def test_non_reasoning_opening_can_be_switched_off():
 )
 def test_bad_uncertainty_knobs_are_refused_with_reason(knobs, message):
     with pytest.raises(PolicyConfigError, match=message):
-        policy.config_from_mapping(knobs)
+        policy_config.config_from_mapping(knobs)
 
 
 def test_uncertainty_knobs_from_strings():
-    config = policy.config_from_mapping(
+    config = policy_config.config_from_mapping(
         {"trigger": "uncertainty", "uncertainty_threshold": "2.5", "uncertainty_window": 2}
     )
     assert (config.trigger, config.uncertainty_threshold, config.uncertainty_window) == (

@@ -146,3 +146,24 @@ def test_bad_judge_fields_are_refused_before_any_work(
         list(api.Takeover(request, timeout=60))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (caught.value.details() or "")
+
+
+def test_a_judged_prefill_beside_a_running_write_scores_the_same(smol_either: Any) -> None:
+    """A judged prefill sent while another session decodes (whose steps the paged path
+    shares with the probe's chunk, one forward for both): a plain forward's scores all the
+    same, and the write goes on."""
+    import threading
+
+    written: list[str] = []
+    writer = threading.Thread(
+        target=lambda: written.append(
+            _written(generate(smol_either, "judge-beside-w", MESSAGES, "Let us", 48))[0]
+        )
+    )
+    writer.start()
+    try:
+        beside = _judge(smol_either, "judge-beside")
+    finally:
+        writer.join()
+    assert written and written[0]
+    assert beside.probe_logprobs == pytest.approx(_reference(smol_either), abs=2e-3)

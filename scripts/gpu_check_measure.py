@@ -236,6 +236,61 @@ def prefill_2k(engine: Any, tag: str) -> dict[str, Any]:
     }
 
 
+# the cloud judge's work at a break: the edge text since the last call, then its probe
+JUDGE_CONTEXT, JUDGE_DELTA, JUDGE_PROBE = 1500, 80, 20
+
+
+def judge_break(engine: Any, tag: str) -> dict[str, Any]:
+    """The cloud judge's cost at one break, side by side on two sessions holding the same
+    JUDGE_CONTEXT tokens: a plain prefill of the JUDGE_DELTA new tokens (what any later
+    takeover computes anyway) against a judged prefill of the delta and a JUDGE_PROBE-token
+    probe (scored: logits at every probe position). The difference is the probe's cost;
+    three tries each, the fastest counts."""
+    from cloud.engine_api import GenerateRequest
+    from shared.wire import Message
+
+    messages = (Message("user", "Continue the story."),)
+    text = filler(engine.tokenizer, JUDGE_CONTEXT, seed=2000)
+    delta = filler(engine.tokenizer, JUDGE_DELTA, seed=2001)
+    probe = filler(engine.tokenizer, JUDGE_PROBE, seed=2002)
+
+    def timed(session: str, request: GenerateRequest) -> tuple[float, Any]:
+        sync(engine.device)
+        t = time.perf_counter()
+        run = engine.plan_prefill(request, lambda: False)
+        engine.start(run)
+        try:
+            while run.prefilling:
+                engine.prefill_step([run], sharing=False)
+        finally:
+            engine.finish([run])
+        sync(engine.device)
+        return time.perf_counter() - t, run.outcome()
+
+    plain, judged, scored = [], [], 0
+    for i in range(3):
+        for kind in ("plain", "judged"):
+            session = f"{tag}-judge-{kind}{i}"
+            timed(session, GenerateRequest(session, messages, text))  # the warm context
+            ask = GenerateRequest(session, messages, text + delta)
+            if kind == "judged":
+                ask = GenerateRequest(session, messages, text + delta, probe=probe)
+            wall, done = timed(session, ask)
+            (judged if kind == "judged" else plain).append(wall)
+            scored = max(scored, len(getattr(done, "probe_logprobs", ())))
+            engine.drop(session)
+    return {
+        "context": JUDGE_CONTEXT,
+        "delta": JUDGE_DELTA,
+        "probe": JUDGE_PROBE,
+        "probe_tokens_scored": scored,
+        "plain_s": min(plain),
+        "judged_s": min(judged),
+        "probe_cost_s": min(judged) - min(plain),
+        "tries": {"plain_s": plain, "judged_s": judged},
+    }
+
+
 def busy_union(intervals: Sequence[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (kernels may overlap on streams)."""
     total, end = 0.0, -math.inf

@@ -87,7 +87,15 @@ SHAPES = {
         decode_steps=16,
         decode_prompt=128,
         probe_cap=None,
-        needs_s={"bandwidth": 5, "decode": 25, "prefill": 8, "overhead": 10, "grpc": 30, "oom": 40},
+        needs_s={
+            "bandwidth": 5,
+            "decode": 25,
+            "prefill": 8,
+            "judge": 6,
+            "overhead": 10,
+            "grpc": 30,
+            "oom": 40,
+        },
     ),
     "tiny": Shape(
         "tiny",
@@ -98,7 +106,15 @@ SHAPES = {
         decode_steps=6,
         decode_prompt=48,
         probe_cap=64,
-        needs_s={"bandwidth": 1, "decode": 3, "prefill": 1, "overhead": 2, "grpc": 5, "oom": 3},
+        needs_s={
+            "bandwidth": 1,
+            "decode": 3,
+            "prefill": 1,
+            "judge": 1,
+            "overhead": 2,
+            "grpc": 5,
+            "oom": 3,
+        },
     ),
 }
 

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.gpu_check_grpc import GRPC_ROUNDS, GRPC_SESSIONS, TAKEOVER_TOKENS, grpc_takeovers
-from scripts.gpu_check_measure import PREFILL_TOKENS, decode_sweep, host_overhead, prefill_2k
+from scripts.gpu_check_measure import (
+    PREFILL_TOKENS,
+    decode_sweep,
+    host_overhead,
+    judge_break,
+    prefill_2k,
+)
 from scripts.gpu_check_memory import oom_probe, peak_memory, plan_of, release
 from scripts.gpu_check_model import Shape
 from scripts.gpu_check_report import Check, Row, gib
@@ -123,6 +129,17 @@ def engine_sections(setup: Setup, name: str, context_length: int) -> None:
         )
         return r
 
+    def judge() -> dict[str, Any]:
+        r = judge_break(engine, tag)
+        check.row(
+            f"judge[{name}]",
+            f"cloud judge at a break: prefill of {r['delta']} new tokens alone vs with a "
+            f"{r['probe']}-token probe scored ({r['context']} tokens held)",
+            f"{r['plain_s'] * 1000:.1f} vs {r['judged_s'] * 1000:.1f} ms: the probe costs "
+            f"{r['probe_cost_s'] * 1000:.1f} ms ({r['probe_tokens_scored']} tokens scored)",
+        )
+        return r
+
     def overhead() -> dict[str, Any]:
         r: dict[str, Any] = {}
         for b in (1, 32):
@@ -193,6 +210,7 @@ def engine_sections(setup: Setup, name: str, context_length: int) -> None:
 
     check.section(f"decode[{name}]", shape.needs_s["decode"], decode)
     check.section(f"prefill[{name}]", shape.needs_s["prefill"], prefill)
+    check.section(f"judge[{name}]", shape.needs_s["judge"], judge)
     check.section(f"overhead[{name}]", shape.needs_s["overhead"], overhead)
     check.section(f"grpc[{name}]", shape.needs_s["grpc"], rpc)
     check.section(f"memory[{name}]", 0, memory)

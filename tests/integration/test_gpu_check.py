@@ -17,7 +17,7 @@ from cloud.engine import ENGINES
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-SECTIONS = ("decode", "prefill", "overhead", "grpc", "memory", "oom")
+SECTIONS = ("decode", "prefill", "judge", "overhead", "grpc", "memory", "oom")
 STATUSES = {"MET", "NOT MET", "info", "n/a"}
 
 pytestmark = pytest.mark.real_models  # the tokenizer comes from the bundled Qwen2.5 GGUF
@@ -114,6 +114,9 @@ def test_numbers_are_plausible(tiny_run: dict[str, Any]) -> None:
         assert decode["roofline_ratio"] > 0 and decode["gain_32"] > 0
         prefill = s[f"prefill[{e}]"]
         assert 1900 <= prefill["tokens"] <= 2100 and prefill["tok_s"] > 0
+        judge = s[f"judge[{e}]"]
+        assert judge["probe_tokens_scored"] >= 10  # ~20 filler tokens, in the cloud's tokenizer
+        assert 0 < judge["plain_s"] and 0 < judge["judged_s"]
         overhead = s[f"overhead[{e}]"]
         assert overhead["1"]["wall_s"] > 0 and overhead["1"]["gpu_busy_s"] is None  # CPU
         grpc = s[f"grpc[{e}]"]

@@ -240,19 +240,25 @@ def prefill_2k(engine: Any, tag: str) -> dict[str, Any]:
 JUDGE_CONTEXT, JUDGE_DELTA, JUDGE_PROBE = 1500, 80, 20
 
 
-def judge_break(engine: Any, tag: str) -> dict[str, Any]:
+def judge_break(
+    engine: Any,
+    tag: str,
+    context: int = JUDGE_CONTEXT,
+    delta_tokens: int = JUDGE_DELTA,
+    probe_tokens: int = JUDGE_PROBE,
+) -> dict[str, Any]:
     """The cloud judge's cost at one break, side by side on two sessions holding the same
-    JUDGE_CONTEXT tokens: a plain prefill of the JUDGE_DELTA new tokens (what any later
-    takeover computes anyway) against a judged prefill of the delta and a JUDGE_PROBE-token
-    probe (scored: logits at every probe position). The difference is the probe's cost;
+    `context` tokens: a plain prefill of `delta_tokens` new tokens (what any later takeover
+    computes anyway) against a judged prefill of the delta and a `probe_tokens`-token probe
+    (scored: logits at every probe position). The difference is the probe's cost;
     three tries each, the fastest counts."""
     from cloud.engine_api import GenerateRequest
     from shared.wire import Message
 
     messages = (Message("user", "Continue the story."),)
-    text = filler(engine.tokenizer, JUDGE_CONTEXT, seed=2000)
-    delta = filler(engine.tokenizer, JUDGE_DELTA, seed=2001)
-    probe = filler(engine.tokenizer, JUDGE_PROBE, seed=2002)
+    text = filler(engine.tokenizer, context, seed=2000)
+    delta = filler(engine.tokenizer, delta_tokens, seed=2001)
+    probe = filler(engine.tokenizer, probe_tokens, seed=2002)
 
     def timed(session: str, request: GenerateRequest) -> tuple[float, Any]:
         sync(engine.device)
@@ -280,9 +286,9 @@ def judge_break(engine: Any, tag: str) -> dict[str, Any]:
             scored = max(scored, len(getattr(done, "probe_logprobs", ())))
             engine.drop(session)
     return {
-        "context": JUDGE_CONTEXT,
-        "delta": JUDGE_DELTA,
-        "probe": JUDGE_PROBE,
+        "context": context,
+        "delta": delta_tokens,
+        "probe": probe_tokens,
         "probe_tokens_scored": scored,
         "plain_s": min(plain),
         "judged_s": min(judged),

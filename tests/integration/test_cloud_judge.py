@@ -6,6 +6,7 @@ a rejected one replaced by the cloud's text."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +168,20 @@ def test_a_judged_prefill_beside_a_running_write_scores_the_same(smol_either: An
         writer.join()
     assert written and written[0]
     assert beside.probe_logprobs == pytest.approx(_reference(smol_either), abs=2e-3)
+
+
+def test_the_judge_benchmark_reports_the_probes_cost_beside_a_decode_step(smollm2) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.bench_judge", "--model", str(smollm2), "--threads", "1",
+         "--context", "120", "--delta", "30", "--probe", "12"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+    assert report["probe_tokens_scored"] >= 8 and report["decode_step_s"] > 0
+    assert report["plain_s"] > 0 and report["judged_s"] > 0
+    assert done.stdout.strip().splitlines()[-1].startswith("judge at a break: 30 new tokens")

@@ -133,6 +133,8 @@ class TextRenderer:
     def __call__(self, event: Event) -> None:
         if event.kind == "takeover" and self.spinner is not None:
             self.spinner.label = "the cloud is writing"
+        elif event.kind == "judging" and self.spinner is not None:
+            self.spinner.label = "the cloud is judging the next step"
         if event.kind == "segment":
             self._switch(event.data["source"])
         elif event.kind == "text":
@@ -143,6 +145,9 @@ class TextRenderer:
         elif event.kind == "fallback" and event.data.get("error") not in self._told:
             self._told.add(event.data.get("error", ""))  # each kind of failure said once
             self.notice(f"specthink-edge: {event.data['message']}")
+        elif event.kind == "judge" and self.verbose:
+            verdict = "kept" if event.data["accepted"] else "rejected"
+            self.notice(f"[judge {event.data['score']:.2f}: probe {verdict}]")
         elif event.kind == "takeover" and self.verbose:
             self.notice(f"[takeover {event.data['reason']}, {event.data['tokens']} tokens]")
         elif event.kind == "done":

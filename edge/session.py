@@ -282,6 +282,7 @@ class SpeculativeSession:
         if decision.asks_judge and decision.judge_threshold is not None:
             judge = JudgeSpec("".join(t.text for t in probe), decision.judge_threshold)
             self.stats.judge_calls += 1
+            self.sink(Event("judging", {"probe_tokens": _written(probe)}))
         segment = None if judge else self._cloud_segment(decision, budget)
         kept: Segment | None = None  # the probe, when the cloud kept it
         started = self.clock()

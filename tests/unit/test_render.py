@@ -145,6 +145,20 @@ def test_takeovers_are_shown_on_stderr_only_when_verbose() -> None:
     assert quiet.getvalue() == ""
 
 
+def test_the_judges_verdicts_are_shown_only_when_verbose() -> None:
+    err = io.StringIO()
+    renderer = TextRenderer(out=io.StringIO(), err=err, verbose=True)
+    renderer(Event("judge", {"score": -0.41, "accepted": True, "reason": "cloud_accepts:-0.41"}))
+    renderer(Event("judge", {"score": -1.84, "accepted": False, "reason": "cloud_judge:-1.84"}))
+    assert "[judge -0.41: probe kept]" in err.getvalue()
+    assert "[judge -1.84: probe rejected]" in err.getvalue()
+    quiet = io.StringIO()
+    TextRenderer(out=io.StringIO(), err=quiet)(
+        Event("judge", {"score": -1.0, "accepted": True, "reason": "r"})
+    )
+    assert quiet.getvalue() == ""
+
+
 def test_close_ends_an_interrupted_answer_once() -> None:
     out = io.StringIO()
     renderer = TextRenderer(out=out, mark="brackets")

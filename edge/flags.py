@@ -36,7 +36,9 @@ def _knobs_help() -> str:
         "Policy knob KEY=VALUE (repeatable), e.g. --set takeover_tokens=30. trigger=keywords "
         "hands over where the probe reflects or verifies (the paper's rules); "
         "trigger=uncertainty where the small model is unsure (mean entropy of its probe, in "
-        "nats, over uncertainty_threshold). Knobs and defaults: " + ", ".join(knobs) + "."
+        "nats, over uncertainty_threshold); trigger=cloud-judge where the large model finds "
+        "the probe unlikely (its mean log-probability per token under judge_threshold), "
+        "judged in the takeover call. Knobs and defaults: " + ", ".join(knobs) + "."
     )
 
 

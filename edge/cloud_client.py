@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from edge.cloud_faults import CircuitBreaker, CloudPace, StallWatch
-from edge.config import split_cloud_address
+from edge.config_values import split_cloud_address
 from edge.reachability import BackgroundCheck, Reachability
 from shared import errors
 from shared.rpc import specthink_pb2 as pb

@@ -34,20 +34,30 @@ The API key is never shown in full: :meth:`EffectiveConfig.rows`, ``repr`` and
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
-import math
 import os
 import platform
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import typer
 
+from edge.config_values import (
+    BOOL,
+    FLOAT,
+    INT,
+    PATH,
+    STR,
+    BadValue,
+    Check,
+    ValueKind,
+    between,
+    choice,
+    host_port,
+)
 from edge.options import Strategy
 
 __all__ = [
@@ -67,172 +77,6 @@ CONFIG_ENV = "SPECTHINK_CONFIG"
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line and names the source of the value."""
-
-
-class _Bad(Exception):
-    """Internal: a value failed to parse or check; the message lacks the source."""
-
-
-# --------------------------------------------------------------------------- kinds
-# A kind turns a raw value into a typed one: ``text`` for environment variables,
-# ``value`` for TOML values and flags (already typed, but strings are accepted from flags).
-
-
-@dataclass(frozen=True)
-class _Kind:
-    label: str  # "a number", "an integer", ...
-    text: Callable[[str], object]
-    value: Callable[[object], object]
-
-
-def _int_text(s: str) -> int:
-    s = s.strip()
-    if not re.fullmatch(r"[+-]?\d+", s):
-        raise _Bad("must be an integer")
-    return int(s)
-
-
-def _int_value(v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str):
-            return _int_text(v)
-        raise _Bad("must be an integer")
-    return v
-
-
-def _float_text(s: str) -> float:
-    try:
-        f = float(s.strip())
-    except ValueError:
-        raise _Bad("must be a number") from None
-    if math.isnan(f):
-        raise _Bad("must be a number")
-    return f
-
-
-def _float_value(v: object) -> float:
-    if isinstance(v, str):
-        return _float_text(v)
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _Bad("must be a number")
-    if math.isnan(v):
-        raise _Bad("must be a number")
-    return float(v)
-
-
-_TRUE = {"1", "true", "yes"}
-_FALSE = {"0", "false", "no"}
-
-
-def _bool_text(s: str) -> bool:
-    t = s.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise _Bad("must be one of 1/0/true/false/yes/no")
-
-
-def _bool_value(v: object) -> bool:
-    if isinstance(v, bool):
-        return v
-    raise _Bad("must be true or false")
-
-
-def _str_text(s: str) -> str:
-    if not s.strip():
-        raise _Bad("must not be empty")
-    return s.strip()
-
-
-def _str_value(v: object) -> str:
-    if not isinstance(v, str):
-        raise _Bad("must be a string")
-    return _str_text(v)
-
-
-INT = _Kind("an integer", _int_text, _int_value)
-FLOAT = _Kind("a number", _float_text, _float_value)
-BOOL = _Kind("a boolean", _bool_text, _bool_value)
-STR = _Kind("a string", _str_text, _str_value)
-PATH = _Kind("a path", _str_text, _str_value)  # a STR that gets ~ expanded (see _finish)
-
-
-def _choice(*options: str) -> _Kind:
-    def text(s: str) -> str:
-        t = s.strip().lower()
-        if t not in options:
-            raise _Bad("must be one of " + ", ".join(options))
-        return t
-
-    def value(v: object) -> str:
-        if not isinstance(v, str):
-            raise _Bad("must be one of " + ", ".join(options))
-        return text(v)
-
-    return _Kind("one of " + ", ".join(options), text, value)
-
-
-# --------------------------------------------------------------------------- checks
-
-Check = Callable[[Any], None]  # raises _Bad
-
-
-def _between(
-    lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False
-) -> Check:
-    def check(v: float) -> None:
-        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (
-            hi is None or (v < hi if hi_open else v <= hi)
-        )
-        if ok and math.isfinite(v):
-            return
-        if lo is not None and hi is not None:
-            left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-            if not lo_open and not hi_open:
-                raise _Bad(f"must be between {lo} and {hi}")
-            raise _Bad(f"must be in {left}{lo}, {hi}{right}")
-        if lo is not None:
-            raise _Bad(f"must be {'>' if lo_open else '>='} {lo}")
-        raise _Bad(f"must be {'<' if hi_open else '<='} {hi}")
-
-    return check
-
-
-_HOST_PORT = re.compile(r"(?P<host>\[[^\[\]]+\]|[^\s:/\[\]@]+):(?P<port>\d{1,5})")
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-
-
-CLOUD_SCHEMES = ("grpc://", "grpcs://")  # as `specthink-cloud serve` prints its address
-
-
-def split_cloud_address(address: str) -> tuple[str, bool]:
-    """(``host:port``, whether the address asks for TLS: ``grpcs://``)."""
-    for scheme in CLOUD_SCHEMES:
-        if address.startswith(scheme):
-            return address[len(scheme) :].rstrip("/"), scheme == "grpcs://"
-    return address, False
-
-
-def _host_port(v: str) -> None:
-    """``host:port``, port 1..65535; an IPv6 host goes in brackets: ``[::1]:50051``; the
-    ``grpc://`` or ``grpcs://`` (TLS) the cloud prints may lead."""
-    v, _ = split_cloud_address(v)
-    if "://" in v:
-        raise _Bad("must be host:port, grpc://host:port or grpcs://host:port")
-    m = _HOST_PORT.fullmatch(v)
-    if m is None:
-        raise _Bad("must be host:port (e.g. localhost:50051, [::1]:50051)")
-    host, port = m.group("host"), int(m.group("port"))
-    if not 1 <= port <= 65535:
-        raise _Bad(f"port must be between 1 and 65535, got {port}")
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise _Bad(f"{host} is not an IPv6 address") from None
-    elif not _HOSTNAME.fullmatch(host):
-        raise _Bad(f"{host!r} is not a host name or address")
 
 
 # --------------------------------------------------------------------------- defaults
@@ -257,7 +101,7 @@ def auto_threads() -> int:
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: _Kind
+    kind: ValueKind
     default: object  # a value, or a zero-argument callable computing it
     env: str
     check: Check | None
@@ -276,33 +120,33 @@ S = Setting
 #: The one table of edge settings. Order is display order.
 # fmt: off
 SETTINGS: tuple[Setting, ...] = (
-    S("cloud", STR, None, "SPECTHINK_CLOUD", _host_port,
+    S("cloud", STR, None, "SPECTHINK_CLOUD", host_port,
       "cloud address host:port (or grpc:// / grpcs:// as the cloud prints it)"),
     S("api_key", STR, None, "SPECTHINK_API_KEY", None, "API key for the cloud", secret=True),
     S("model", STR, None, "SPECTHINK_MODEL", None, "GGUF file or installed model name"),
-    S("max_tokens", INT, 2048, "SPECTHINK_MAX_TOKENS", _between(1, 131072), "answer token limit"),
-    S("temperature", FLOAT, 0.6, "SPECTHINK_TEMPERATURE", _between(0, 2), "sampling temperature"),
-    S("top_p", FLOAT, 0.95, "SPECTHINK_TOP_P", _between(0, 1, lo_open=True), "nucleus sampling"),
-    S("top_k", INT, 50, "SPECTHINK_TOP_K", _between(0, 1000), "top-k sampling (0 = off)"),
-    S("seed", INT, None, "SPECTHINK_SEED", _between(0, 2**32 - 1), "sampling seed"),
-    S("mode", _choice("auto", "reasoning", "non-reasoning"), "auto", "SPECTHINK_MODE", None,
+    S("max_tokens", INT, 2048, "SPECTHINK_MAX_TOKENS", between(1, 131072), "answer token limit"),
+    S("temperature", FLOAT, 0.6, "SPECTHINK_TEMPERATURE", between(0, 2), "sampling temperature"),
+    S("top_p", FLOAT, 0.95, "SPECTHINK_TOP_P", between(0, 1, lo_open=True), "nucleus sampling"),
+    S("top_k", INT, 50, "SPECTHINK_TOP_K", between(0, 1000), "top-k sampling (0 = off)"),
+    S("seed", INT, None, "SPECTHINK_SEED", between(0, 2**32 - 1), "sampling seed"),
+    S("mode", choice("auto", "reasoning", "non-reasoning"), "auto", "SPECTHINK_MODE", None,
       "reasoning or not (auto: what fits the model)"),
-    S("strategy", _choice(*Strategy), Strategy.SPECULATIVE.value, "SPECTHINK_STRATEGY",
+    S("strategy", choice(*Strategy), Strategy.SPECULATIVE.value, "SPECTHINK_STRATEGY",
       None, "who writes the answer"),
     S("policy_file", PATH, None, "SPECTHINK_POLICY_FILE", None, "takeover policy overrides"),
-    S("gpu_layers", INT, _default_gpu_layers, "SPECTHINK_GPU_LAYERS", _between(-1, None),
+    S("gpu_layers", INT, _default_gpu_layers, "SPECTHINK_GPU_LAYERS", between(-1, None),
       "layers offloaded to the GPU (-1 = all)"),
-    S("threads", INT, None, "SPECTHINK_THREADS", _between(1, 1024),
+    S("threads", INT, None, "SPECTHINK_THREADS", between(1, 1024),
       "llama.cpp threads (unset = physical cores)"),
-    S("context_length", INT, 8192, "SPECTHINK_CONTEXT_LENGTH", _between(1, 2**20),
+    S("context_length", INT, 8192, "SPECTHINK_CONTEXT_LENGTH", between(1, 2**20),
       "edge model context window"),
-    S("connect_timeout_s", FLOAT, 3.0, "SPECTHINK_CONNECT_TIMEOUT", _between(0, None, lo_open=True),
+    S("connect_timeout_s", FLOAT, 3.0, "SPECTHINK_CONNECT_TIMEOUT", between(0, None, lo_open=True),
       "seconds to reach the cloud"),
     S("takeover_timeout_s", FLOAT, 30.0, "SPECTHINK_TAKEOVER_TIMEOUT",
-      _between(0, None, lo_open=True), "seconds for one cloud takeover"),
-    S("first_chunk_timeout_s", FLOAT, 5.0, "SPECTHINK_FIRST_CHUNK_TIMEOUT", _between(0, None),
+      between(0, None, lo_open=True), "seconds for one cloud takeover"),
+    S("first_chunk_timeout_s", FLOAT, 5.0, "SPECTHINK_FIRST_CHUNK_TIMEOUT", between(0, None),
       "seconds without a first word before asking if the cloud is alive (0 = off)"),
-    S("stall_timeout_s", FLOAT, 5.0, "SPECTHINK_STALL_TIMEOUT", _between(0, None),
+    S("stall_timeout_s", FLOAT, 5.0, "SPECTHINK_STALL_TIMEOUT", between(0, None),
       "seconds of silence from a writing cloud before the edge goes on (0 = off)"),
     S("tls", BOOL, False, "SPECTHINK_TLS", None, "use TLS to the cloud"),
     S("tls_ca_file", PATH, None, "SPECTHINK_TLS_CA", None, "CA bundle for the cloud's cert"),
@@ -544,7 +388,7 @@ def resolve(
                 value = _finish(s, s.kind.value(raw), config_path.parent)
             else:
                 source, value = "default", s.default_value()
-        except _Bad as exc:
+        except BadValue as exc:
             shown = mask_secret(str(raw)) if s.secret else _raw_repr(raw, sep)
             raise ConfigError(f"{loc}{sep}{shown}: {s.name} {exc}") from None
         values[s.name], sources[s.name] = value, source
